@@ -1,0 +1,27 @@
+//! Herald's HTTP and WebSocket ingress, and the `herald` command line.
+//!
+//! # Layout
+//!
+//! - `cli`: the `herald` command (serve, token).
+//! - [`settings`]: defaults, TOML file, `HERALD_<SECTION>__<KEY>` overrides, validation.
+//! - [`secrets`]: configured secrets, or ones generated once on first start.
+//! - `auth`: publisher API keys and subscriber tokens.
+//! - `routes`: the endpoints of `API.md`, one module per concern.
+//! - `body`: JSON request bodies and their 400/413/415/422 errors.
+//! - `error`: every HTTP error and its one JSON mapping.
+//! - [`server`]: `run(listener, settings, shutdown)`, the whole server, callable from tests.
+//! - `telemetry`: tracing setup.
+
+mod auth;
+mod body;
+pub mod cli;
+mod error;
+mod routes;
+pub mod secrets;
+pub mod server;
+pub mod settings;
+mod telemetry;
+
+pub use auth::mint as mint_token;
+pub use server::{RunError, run};
+pub use settings::Settings;

@@ -1,0 +1,63 @@
+//! The HTTP surface: which path and method reach which handler, and what unknown ones answer.
+
+mod ops;
+mod publish;
+mod state;
+mod subscribe;
+mod tokens;
+
+pub use tokens::{DEFAULT_TTL_SECS, rfc3339};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actix_web::{HttpRequest, HttpResponse, Route, web};
+use herald_hub::{Hub, UserId};
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    pub hub: Hub,
+    pub auth: Auth,
+    pub max_payload_bytes: usize,
+    pub max_token_ttl_secs: u64,
+    /// Set once shutdown begins: new sessions are refused with 503.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// A user id segment may be empty or junk; either is `400 invalid_user_id`, not 404.
+const USER: &str = "{user:[^/]*}";
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let resource = |path: String, route: Route| web::resource(path).route(route).default_service(web::to(method_not_allowed));
+    cfg.service(resource(format!("/v1/users/{USER}/notifications"), web::post().to(publish::to_user)).route(web::get().to(state::history)))
+        .service(resource("/v1/notifications".into(), web::post().to(publish::to_users)))
+        .service(resource("/v1/broadcast".into(), web::post().to(publish::broadcast)))
+        .service(resource(format!("/v1/users/{USER}/presence"), web::get().to(state::presence)))
+        .service(resource("/v1/tokens".into(), web::post().to(tokens::mint)))
+        .service(resource(format!("/ws/{USER}"), web::get().to(subscribe::upgrade)))
+        .service(resource("/healthz".into(), web::get().to(ops::healthz)))
+        .service(resource("/metrics".into(), web::get().to(ops::metrics)))
+        .default_service(web::to(not_found));
+}
+
+/// The `{user}` path segment, validated.
+fn path_user(req: &HttpRequest) -> Result<UserId, ApiError> {
+    Ok(UserId::parse(req.match_info().get("user").unwrap_or_default())?)
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}

@@ -1,0 +1,102 @@
+//! Runs Herald on a bound listener until `shutdown` resolves, then stops in order.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, middleware, web};
+use herald_hub::Hub;
+use herald_hub::store::{SqliteStore, StoreError};
+
+use crate::auth::Auth;
+use crate::routes::{self, AppState};
+use crate::secrets::{Secrets, SecretsError};
+use crate::settings::{EngineKind, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("engine.kind = \"redis\" is not available in this build yet; use \"embedded\"")]
+    EngineUnavailable,
+    #[error("HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves. Then: stop accepting, close
+/// sessions with 1001, let in-flight requests finish, flush the store.
+/// Must run inside an actix system (`actix_web::rt::System`).
+pub async fn run(listener: std::net::TcpListener, settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    if settings.engine.kind == EngineKind::Redis {
+        return Err(RunError::EngineUnavailable);
+    }
+    let secrets = Secrets::resolve(&settings)?;
+    let auth = Auth::new(secrets);
+    if auth.is_insecure() {
+        tracing::warn!("auth.insecure = true: anyone can publish and subscribe as anyone. Development only.");
+    }
+    let store = SqliteStore::open(&settings.store.path, settings.retention(), settings.store.fsync)?;
+    let hub = Hub::start(settings.hub_config(), Arc::new(store));
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = web::Data::new(AppState {
+        hub: hub.clone(),
+        auth,
+        max_payload_bytes: settings.limits.max_payload_bytes,
+        max_token_ttl_secs: settings.auth.max_token_ttl_secs,
+        shutting_down: Arc::clone(&shutting_down),
+    });
+    let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
+    let addr = listener.local_addr()?;
+    let mut server = HttpServer::new(move || {
+        App::new().app_data(state.clone()).wrap(middleware::NormalizePath::trim()).configure(routes::configure)
+    })
+    .disable_signals()
+    .shutdown_timeout(grace.as_secs().max(1))
+    // A peer that stopped reading must not hold a closed session's socket open.
+    .client_disconnect_timeout(Duration::from_secs(1));
+    if settings.server.workers > 0 {
+        server = server.workers(settings.server.workers);
+    }
+    let server = server.listen(listener)?.run();
+    tracing::info!(%addr, "listening on {addr}");
+    let handle = server.handle();
+    let mut serving = actix_rt::spawn(server);
+
+    tokio::select! {
+        () = shutdown => {}
+        ended = &mut serving => {
+            tracing::error!("HTTP server stopped by itself");
+            ended.map_err(|e| RunError::Io(std::io::Error::other(e)))??;
+        }
+    }
+    tracing::info!("shutting down");
+    shutting_down.store(true, Ordering::Relaxed);
+    handle.pause().await;
+    hub.close_sessions(grace).await;
+    handle.stop(true).await;
+    let _ = serving.await;
+    hub.close_store().await.map_err(|e| RunError::Io(std::io::Error::other(e)))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn signals() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

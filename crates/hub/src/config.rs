@@ -1,0 +1,46 @@
+//! The hub's tunables, already validated by whoever loaded them (the gateway's settings).
+
+use std::time::Duration;
+
+/// How sessions prove they are alive.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    /// The server sends a WebSocket Ping this often.
+    pub interval: Duration,
+    /// A session with no inbound frame for this long is evicted.
+    pub timeout: Duration,
+}
+
+/// How much history the store keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// At most this many notifications per user; older ones are dropped first.
+    pub per_user: u64,
+    /// Nothing older than this is replayed, listed or remembered for idempotency.
+    pub max_age: Duration,
+}
+
+/// Everything the hub needs to run sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    pub heartbeat: Heartbeat,
+    /// Frames queued for one session before it counts as a slow consumer.
+    pub session_queue: usize,
+    /// The largest frame a client may send; larger closes the session with 1009.
+    pub max_frame_bytes: usize,
+    /// How long a session waits for a missing seq to arrive live before it
+    /// reads it from the store (publishes of one user can race each other).
+    pub gap_wait: Duration,
+}
+
+impl HubConfig {
+    /// Small values for tests.
+    pub fn for_tests() -> Self {
+        Self {
+            heartbeat: Heartbeat { interval: Duration::from_millis(100), timeout: Duration::from_millis(300) },
+            session_queue: 16,
+            max_frame_bytes: 4096,
+            gap_wait: Duration::from_millis(50),
+        }
+    }
+}

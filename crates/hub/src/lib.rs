@@ -1,0 +1,29 @@
+//! Herald's actor core: who is connected, what each user is owed, and getting it to them.
+//!
+//! No HTTP here: the gateway crate upgrades sockets and calls [`Hub`].
+//!
+//! # Layout
+//!
+//! - [`ids`]: typed ids (`UserId`, `SessionId`, `Seq`).
+//! - [`protocol`]: the frames on the wire and the close codes.
+//! - [`config`]: the hub's validated tunables.
+//! - [`registry`]: the registry actor, user → sessions, and fan-out.
+//! - [`session`]: one actor per WebSocket (heartbeat, inbound, eviction) and its ordered writer.
+//! - [`store`]: durable per-user history behind the `Store` trait (SQLite by default).
+//! - [`broker`]: fan-out behind the `Broker` trait (in-process by default).
+//! - [`hub`]: the façade the gateway calls to publish, read state and open sessions.
+//! - [`metrics`]: Prometheus counters and gauges.
+
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod ids;
+pub mod metrics;
+pub mod protocol;
+pub mod registry;
+pub mod session;
+pub mod store;
+
+pub use config::{Heartbeat, HubConfig, Retention};
+pub use hub::{Broadcasted, History, Hub, HubError, Publish, Published};
+pub use ids::{InvalidUserId, Seq, SessionId, UserId};

@@ -1,0 +1,442 @@
+//! The embedded store: SQLite in WAL mode, one writer thread that group-commits, pooled readers.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytestring::ByteString;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{Semaphore, oneshot};
+
+use super::{Appended, Draft, Head, Notification, Receipt, Store, StoreError, Stored};
+use crate::config::Retention;
+use crate::ids::{Seq, UserId};
+use crate::protocol;
+
+/// The schema this build reads and writes, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+/// File name inside `store.path`.
+pub const DB_FILE: &str = "herald.sqlite3";
+/// Appends committed in one transaction at most; bounds one commit's latency.
+const MAX_BATCH: usize = 4096;
+/// Concurrent read connections; reads are short, more would only contend on the disk.
+const MAX_READERS: usize = 4;
+
+const SCHEMA: &str = "
+CREATE TABLE users (
+    user     TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE notifications (
+    user  TEXT NOT NULL,
+    seq   INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    frame TEXT NOT NULL,
+    PRIMARY KEY (user, seq)
+) WITHOUT ROWID;
+CREATE INDEX notifications_by_age ON notifications (ts_ms);
+CREATE TABLE idempotency (
+    user      TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    id        TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    delivered INTEGER NOT NULL,
+    ts_ms     INTEGER NOT NULL,
+    PRIMARY KEY (user, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_by_age ON idempotency (ts_ms);
+";
+
+enum Command {
+    Append { user: UserId, draft: Draft, reply: oneshot::Sender<Result<Appended, StoreError>> },
+    Delivered { user: UserId, key: String, delivered: usize },
+    Close { reply: oneshot::Sender<()> },
+}
+
+/// SQLite-backed [`Store`]. Writes go through one thread so seq assignment is
+/// trivially atomic and many publishes share one fsync.
+pub struct SqliteStore {
+    commands: Mutex<Option<std_mpsc::Sender<Command>>>,
+    readers: Arc<ReaderPool>,
+    retention: Retention,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store in folder `dir`. Refuses anything it cannot
+    /// read as its own schema; never truncates or overwrites an existing file.
+    pub fn open(dir: &Path, retention: Retention, fsync: bool) -> Result<Self, StoreError> {
+        let file = dir.join(DB_FILE);
+        let open_err = |reason: String| StoreError::Open { path: file.display().to_string(), reason };
+        create_private_dir(dir).map_err(|e| StoreError::Open { path: dir.display().to_string(), reason: e.to_string() })?;
+
+        let writer = Connection::open_with_flags(&file, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)
+            .map_err(|e| open_err(e.to_string()))?;
+        prepare_writer(&writer, fsync).map_err(open_err)?;
+
+        let readers = Arc::new(ReaderPool::new(file.clone()));
+        // Open one reader now so a store we can write but not read fails at start.
+        let probe = readers.open().map_err(|e| open_err(e.to_string()))?;
+        readers.put(probe);
+
+        let (tx, rx) = std_mpsc::channel();
+        thread::Builder::new()
+            .name("herald-store".into())
+            .spawn(move || Writer { conn: writer, retention }.run(rx))
+            .map_err(|e| open_err(e.to_string()))?;
+        tracing::info!(path = %file.display(), fsync, "store opened");
+        Ok(Self { commands: Mutex::new(Some(tx)), readers, retention })
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), StoreError> {
+        let guard = self.commands.lock().map_err(|_| StoreError::Closed)?;
+        guard.as_ref().ok_or(StoreError::Closed)?.send(cmd).map_err(|_| StoreError::Closed)
+    }
+
+    fn cutoff_ms(&self) -> i64 {
+        now_ms() - self.retention.max_age.as_millis() as i64
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(&self, user: &UserId, draft: Draft) -> Result<Appended, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Append { user: user.clone(), draft, reply })?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read(&self, user: &UserId, after: Seq, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        let (user, cutoff) = (user.clone(), self.cutoff_ms());
+        self.readers
+            .with(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, frame FROM notifications
+                     WHERE user = ?1 AND seq > ?2 AND ts_ms >= ?3 ORDER BY seq LIMIT ?4",
+                )?;
+                let rows = stmt.query_map(params![user.as_str(), after as i64, cutoff, limit as i64], |row| {
+                    Ok(Stored { seq: row.get::<_, i64>(0)? as Seq, frame: ByteString::from(row.get::<_, String>(1)?) })
+                })?;
+                rows.collect()
+            })
+            .await
+    }
+
+    async fn head(&self, user: &UserId) -> Result<Head, StoreError> {
+        let (user, cutoff) = (user.clone(), self.cutoff_ms());
+        self.readers
+            .with(move |conn| {
+                let tx = conn.unchecked_transaction()?;
+                let last: i64 = tx
+                    .query_row("SELECT last_seq FROM users WHERE user = ?1", [user.as_str()], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                let first: Option<i64> = tx.query_row(
+                    "SELECT MIN(seq) FROM notifications WHERE user = ?1 AND ts_ms >= ?2",
+                    params![user.as_str(), cutoff],
+                    |r| r.get(0),
+                )?;
+                tx.finish()?;
+                Ok(Head { first_seq: first.unwrap_or(last + 1) as Seq, last_seq: last as Seq })
+            })
+            .await
+    }
+
+    async fn record_delivered(&self, user: &UserId, key: &str, delivered: usize) -> Result<(), StoreError> {
+        self.send(Command::Delivered { user: user.clone(), key: key.to_owned(), delivered })
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let sender = self.commands.lock().map_err(|_| StoreError::Closed)?.take();
+        let Some(sender) = sender else { return Ok(()) };
+        let (reply, done) = oneshot::channel();
+        sender.send(Command::Close { reply }).map_err(|_| StoreError::Closed)?;
+        let _ = done.await;
+        Ok(())
+    }
+}
+
+/// The single writer: batches appends into one transaction per fsync.
+struct Writer {
+    conn: Connection,
+    retention: Retention,
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<Command>) {
+        let prune_every = (self.retention.max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut last_prune = std::time::Instant::now();
+        loop {
+            let first = match rx.recv_timeout(prune_every) {
+                Ok(cmd) => cmd,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    self.prune();
+                    last_prune = std::time::Instant::now();
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let close = self.commit(batch);
+            if last_prune.elapsed() >= prune_every {
+                self.prune();
+                last_prune = std::time::Instant::now();
+            }
+            if let Some(reply) = close {
+                self.prune();
+                if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+                    tracing::warn!(error = %e, "store checkpoint at close failed");
+                }
+                tracing::info!("store closed");
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+
+    /// Commits one batch; answers every append only after the commit is durable.
+    fn commit(&mut self, batch: Vec<Command>) -> Option<oneshot::Sender<()>> {
+        let mut close = None;
+        let mut replies = Vec::with_capacity(batch.len());
+        let result: rusqlite::Result<()> = (|| {
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for cmd in batch {
+                match cmd {
+                    Command::Append { user, draft, reply } => {
+                        let outcome = append_one(&tx, &user, draft, self.retention)?;
+                        replies.push((reply, outcome));
+                    }
+                    Command::Delivered { user, key, delivered } => {
+                        tx.prepare_cached("UPDATE idempotency SET delivered = ?3 WHERE user = ?1 AND key = ?2")?
+                            .execute(params![user.as_str(), key, delivered as i64])?;
+                    }
+                    Command::Close { reply } => close = Some(reply),
+                }
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => {
+                for (reply, outcome) in replies {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; the batch was rolled back");
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                }
+            }
+        }
+        close
+    }
+
+    fn prune(&mut self) {
+        let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
+        let result = self.conn.execute("DELETE FROM notifications WHERE ts_ms < ?1", [cutoff]).and_then(|n| {
+            self.conn.execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff]).map(|m| (n, m))
+        });
+        match result {
+            Ok((0, 0)) => {}
+            Ok((notifications, keys)) => tracing::debug!(notifications, keys, "retention pruned"),
+            Err(e) => tracing::warn!(error = %e, "retention prune failed"),
+        }
+    }
+}
+
+fn append_one(tx: &rusqlite::Transaction<'_>, user: &UserId, draft: Draft, retention: Retention) -> rusqlite::Result<Appended> {
+    let cutoff = now_ms() - retention.max_age.as_millis() as i64;
+    if let Some(key) = &draft.idempotency_key {
+        let seen = tx
+            .prepare_cached("SELECT id, seq, delivered FROM idempotency WHERE user = ?1 AND key = ?2 AND ts_ms >= ?3")?
+            .query_row(params![user.as_str(), key, cutoff], |r| {
+                Ok(Receipt { id: r.get(0)?, seq: r.get::<_, i64>(1)? as Seq, delivered: r.get::<_, i64>(2)? as usize })
+            })
+            .optional()?;
+        if let Some(receipt) = seen {
+            return Ok(Appended::Duplicate(receipt));
+        }
+    }
+    let seq: i64 = tx
+        .prepare_cached(
+            "INSERT INTO users (user, last_seq) VALUES (?1, 1)
+             ON CONFLICT (user) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+        )?
+        .query_row([user.as_str()], |r| r.get(0))?;
+    let frame = protocol::notification_frame(&draft.id, seq as Seq, draft.event.as_deref(), &draft.data, &draft.ts);
+    tx.prepare_cached("INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![user.as_str(), seq, draft.ts_ms, &*frame])?;
+    let keep_after = seq - retention.per_user as i64;
+    if keep_after > 0 {
+        tx.prepare_cached("DELETE FROM notifications WHERE user = ?1 AND seq <= ?2")?
+            .execute(params![user.as_str(), keep_after])?;
+    }
+    if let Some(key) = &draft.idempotency_key {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO idempotency (user, key, id, seq, delivered, ts_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+        )?
+        .execute(params![user.as_str(), key, draft.id, seq, draft.ts_ms])?;
+    }
+    Ok(Appended::New(Notification { user: user.clone(), id: draft.id, seq: seq as Seq, frame }))
+}
+
+/// Sets the pragmas and checks (or creates) the schema. Errors name what is wrong.
+fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
+    conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| format!("not a readable SQLite database ({e})"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("could not switch to WAL mode (got {mode})"));
+    }
+    let sync = if fsync { "FULL" } else { "OFF" };
+    conn.execute_batch(&format!("PRAGMA synchronous = {sync};")).map_err(|e| e.to_string())?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    let tables: i64 = conn
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| format!("not a readable SQLite database ({e})"))?;
+    match (version, tables) {
+        (0, 0) => conn
+            .execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
+            .map_err(|e| e.to_string()),
+        (SCHEMA_VERSION, _) => Ok(()),
+        (0, _) => Err("the file holds tables that are not Herald's; refusing to touch it".into()),
+        (other, _) => Err(format!("schema version {other}, this Herald reads version {SCHEMA_VERSION}")),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Read connections, reused; reads run on tokio's blocking pool.
+struct ReaderPool {
+    file: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+impl ReaderPool {
+    fn new(file: PathBuf) -> Self {
+        Self { file, idle: Mutex::new(Vec::new()), permits: Semaphore::new(MAX_READERS) }
+    }
+
+    fn open(&self) -> rusqlite::Result<Connection> {
+        let conn = Connection::open_with_flags(&self.file, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.query_row("SELECT COUNT(*) FROM notifications", [], |_| Ok(()))?;
+        Ok(conn)
+    }
+
+    fn put(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+    }
+
+    async fn with<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _permit = self.permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let pool = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let conn = match pool.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+                Some(conn) => conn,
+                None => pool.open().map_err(|e| StoreError::Backend(e.to_string()))?,
+            };
+            let result = f(&conn).map_err(|e| StoreError::Backend(e.to_string()));
+            pool.put(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    fn open(dir: &Path, retention: Retention) -> SqliteStore {
+        SqliteStore::open(dir, retention, true).expect("store opens")
+    }
+
+    #[actix_rt::test]
+    async fn passes_the_store_conformance_suite() {
+        conformance::run_all(|retention| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path(), retention);
+            (store, dir)
+        })
+        .await;
+    }
+
+    #[actix_rt::test]
+    async fn history_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = UserId::parse("alice").unwrap();
+        {
+            let store = open(dir.path(), conformance::LONG);
+            for i in 0..3 {
+                store.append(&user, conformance::draft(i, None)).await.unwrap();
+            }
+            store.close().await.unwrap();
+        }
+        let store = open(dir.path(), conformance::LONG);
+        assert_eq!(store.head(&user).await.unwrap(), Head { first_seq: 1, last_seq: 3 });
+        let Appended::New(n) = store.append(&user, conformance::draft(9, None)).await.unwrap() else { panic!() };
+        assert_eq!(n.seq, 4, "seqs continue after a restart");
+    }
+
+    #[test]
+    fn refuses_a_file_that_is_not_a_database_and_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE);
+        std::fs::write(&file, b"this is not sqlite, and must survive").unwrap();
+        let err = SqliteStore::open(dir.path(), conformance::LONG, true).err().expect("refused");
+        assert!(err.to_string().contains(DB_FILE), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"this is not sqlite, and must survive");
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 99;").unwrap();
+        drop(conn);
+        let err = SqliteStore::open(dir.path(), conformance::LONG, true).err().expect("refused");
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn refuses_someone_elses_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch("CREATE TABLE mine (x);").unwrap();
+        drop(conn);
+        let err = SqliteStore::open(dir.path(), conformance::LONG, true).err().expect("refused");
+        assert!(err.to_string().contains("not Herald's"), "{err}");
+    }
+}
