@@ -13,7 +13,11 @@ use crate::server;
 use crate::settings::Settings;
 
 #[derive(Debug, Parser)]
-#[command(name = "herald", version, about = "Real-time notification hub: POST a notification, every tab of that user gets it.")]
+#[command(
+    name = "herald",
+    version,
+    about = "Real-time notification hub: POST a notification, every tab of that user gets it."
+)]
 pub struct Cli {
     /// TOML settings file (default: config/default.toml when present).
     #[arg(long, env = "HERALD_CONFIG", global = true)]
@@ -57,7 +61,8 @@ fn serve(settings: Settings) -> ExitCode {
         Ok(listener) => listener,
         Err(e) => return fail(&format!("cannot listen on {addr} (server.bind): {e}")),
     };
-    match actix_web::rt::System::new().block_on(server::run(listener, settings, server::signals())) {
+    match actix_web::rt::System::new().block_on(server::run(listener, settings, server::signals()))
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
@@ -69,7 +74,10 @@ fn token(settings: &Settings, user: &str, ttl_secs: u64) -> ExitCode {
         Err(e) => return fail(&format!("--user: {e}")),
     };
     if ttl_secs == 0 || ttl_secs > settings.auth.max_token_ttl_secs {
-        return fail(&format!("--ttl-secs must be 1 to {} (auth.max_token_ttl_secs)", settings.auth.max_token_ttl_secs));
+        return fail(&format!(
+            "--ttl-secs must be 1 to {} (auth.max_token_ttl_secs)",
+            settings.auth.max_token_ttl_secs
+        ));
     }
     let secret = match Secrets::resolve(settings) {
         Ok(Secrets::Secure { jwt_secret, .. }) => jwt_secret,

@@ -21,14 +21,21 @@ pub struct SecretsError {
 #[derive(Clone)]
 pub enum Secrets {
     Insecure,
-    Secure { api_keys: Vec<String>, jwt_secret: String },
+    Secure {
+        api_keys: Vec<String>,
+        jwt_secret: String,
+    },
 }
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Insecure => f.write_str("Insecure"),
-            Self::Secure { api_keys, .. } => write!(f, "Secure {{ {} api keys, jwt secret: <redacted> }}", api_keys.len()),
+            Self::Secure { api_keys, .. } => write!(
+                f,
+                "Secure {{ {} api keys, jwt secret: <redacted> }}",
+                api_keys.len()
+            ),
         }
     }
 }
@@ -42,26 +49,40 @@ impl Secrets {
             return Ok(Self::Insecure);
         }
         let api_keys = if auth.api_keys.is_empty() {
-            vec![load_or_create(&settings.store.path.join(API_KEY_FILE), "a publisher API key")?]
+            vec![load_or_create(
+                &settings.store.path.join(API_KEY_FILE),
+                "a publisher API key",
+            )?]
         } else {
             auth.api_keys.clone()
         };
         let jwt_secret = if auth.jwt_secret.is_empty() {
-            load_or_create(&settings.store.path.join(JWT_SECRET_FILE), "the subscriber token secret")?
+            load_or_create(
+                &settings.store.path.join(JWT_SECRET_FILE),
+                "the subscriber token secret",
+            )?
         } else {
             auth.jwt_secret.clone()
         };
-        Ok(Self::Secure { api_keys, jwt_secret })
+        Ok(Self::Secure {
+            api_keys,
+            jwt_secret,
+        })
     }
 }
 
 fn load_or_create(path: &Path, what: &str) -> Result<String, SecretsError> {
-    let err = |reason: String| SecretsError { path: path.display().to_string(), reason };
+    let err = |reason: String| SecretsError {
+        path: path.display().to_string(),
+        reason,
+    };
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let secret = text.trim().to_owned();
             if secret.len() < 32 {
-                return Err(err("holds fewer than 32 characters; delete it to generate a new one".into()));
+                return Err(err(
+                    "holds fewer than 32 characters; delete it to generate a new one".into(),
+                ));
             }
             return Ok(secret);
         }
@@ -95,7 +116,10 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
 
 /// Where generated secrets live for these settings.
 pub fn secret_paths(settings: &Settings) -> [PathBuf; 2] {
-    [settings.store.path.join(API_KEY_FILE), settings.store.path.join(JWT_SECRET_FILE)]
+    [
+        settings.store.path.join(API_KEY_FILE),
+        settings.store.path.join(JWT_SECRET_FILE),
+    ]
 }
 
 #[cfg(test)]
@@ -107,20 +131,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings::default();
         settings.store.path = dir.path().join("data");
-        let Secrets::Secure { api_keys, jwt_secret } = Secrets::resolve(&settings).unwrap() else { panic!() };
-        let Secrets::Secure { api_keys: again, jwt_secret: again_secret } = Secrets::resolve(&settings).unwrap() else { panic!() };
+        let Secrets::Secure {
+            api_keys,
+            jwt_secret,
+        } = Secrets::resolve(&settings).unwrap()
+        else {
+            panic!()
+        };
+        let Secrets::Secure {
+            api_keys: again,
+            jwt_secret: again_secret,
+        } = Secrets::resolve(&settings).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!((api_keys, jwt_secret), (again, again_secret));
         #[cfg(unix)]
         for path in secret_paths(&settings) {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "{}", path.display());
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                path.display()
+            );
         }
     }
 
     #[test]
     fn debug_never_shows_secrets() {
-        let s = Secrets::Secure { api_keys: vec!["publisher-key-123456".into()], jwt_secret: "s".repeat(40) };
+        let s = Secrets::Secure {
+            api_keys: vec!["publisher-key-123456".into()],
+            jwt_secret: "s".repeat(40),
+        };
         let shown = format!("{s:?}");
-        assert!(!shown.contains("publisher-key") && !shown.contains("ssss"), "{shown}");
+        assert!(
+            !shown.contains("publisher-key") && !shown.contains("ssss"),
+            "{shown}"
+        );
     }
 }

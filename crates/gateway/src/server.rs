@@ -29,16 +29,26 @@ pub enum RunError {
 /// Serves on `listener` until `shutdown` resolves. Then: stop accepting, close
 /// sessions with 1001, let in-flight requests finish, flush the store.
 /// Must run inside an actix system (`actix_web::rt::System`).
-pub async fn run(listener: std::net::TcpListener, settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    listener: std::net::TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     if settings.engine.kind == EngineKind::Redis {
         return Err(RunError::EngineUnavailable);
     }
     let secrets = Secrets::resolve(&settings)?;
     let auth = Auth::new(secrets);
     if auth.is_insecure() {
-        tracing::warn!("auth.insecure = true: anyone can publish and subscribe as anyone. Development only.");
+        tracing::warn!(
+            "auth.insecure = true: anyone can publish and subscribe as anyone. Development only."
+        );
     }
-    let store = SqliteStore::open(&settings.store.path, settings.retention(), settings.store.fsync)?;
+    let store = SqliteStore::open(
+        &settings.store.path,
+        settings.retention(),
+        settings.store.fsync,
+    )?;
     let hub = Hub::start(settings.hub_config(), Arc::new(store));
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
@@ -51,7 +61,10 @@ pub async fn run(listener: std::net::TcpListener, settings: Settings, shutdown: 
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let addr = listener.local_addr()?;
     let mut server = HttpServer::new(move || {
-        App::new().app_data(state.clone()).wrap(middleware::NormalizePath::trim()).configure(routes::configure)
+        App::new()
+            .app_data(state.clone())
+            .wrap(middleware::NormalizePath::trim())
+            .configure(routes::configure)
     })
     .disable_signals()
     .shutdown_timeout(grace.as_secs().max(1))
@@ -78,7 +91,9 @@ pub async fn run(listener: std::net::TcpListener, settings: Settings, shutdown: 
     hub.close_sessions(grace).await;
     handle.stop(true).await;
     let _ = serving.await;
-    hub.close_store().await.map_err(|e| RunError::Io(std::io::Error::other(e)))?;
+    hub.close_store()
+        .await
+        .map_err(|e| RunError::Io(std::io::Error::other(e)))?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -88,10 +103,11 @@ pub async fn signals() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -21,7 +21,10 @@ pub enum SettingsError {
 }
 
 fn key_error(key: impl Into<String>, reason: impl Into<String>) -> SettingsError {
-    SettingsError::Key { key: key.into(), reason: reason.into() }
+    SettingsError::Key {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,7 +51,11 @@ pub struct ServerSettings {
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { bind: "127.0.0.1:8080".into(), workers: 0, shutdown_grace_ms: 10_000 }
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            workers: 0,
+            shutdown_grace_ms: 10_000,
+        }
     }
 }
 
@@ -61,7 +68,10 @@ pub struct HeartbeatSettings {
 
 impl Default for HeartbeatSettings {
     fn default() -> Self {
-        Self { interval_ms: 10_000, timeout_ms: 30_000 }
+        Self {
+            interval_ms: 10_000,
+            timeout_ms: 30_000,
+        }
     }
 }
 
@@ -91,7 +101,12 @@ pub struct StoreSettings {
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        Self { path: PathBuf::from("data"), retention_per_user: 1000, retention_secs: 86_400, fsync: true }
+        Self {
+            path: PathBuf::from("data"),
+            retention_per_user: 1000,
+            retention_secs: 86_400,
+            fsync: true,
+        }
     }
 }
 
@@ -110,7 +125,12 @@ pub struct LimitSettings {
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { max_payload_bytes: 65_536, max_frame_bytes: 4_096, session_queue: 256, gap_wait_ms: 200 }
+        Self {
+            max_payload_bytes: 65_536,
+            max_frame_bytes: 4_096,
+            session_queue: 256,
+            gap_wait_ms: 200,
+        }
     }
 }
 
@@ -130,13 +150,21 @@ pub struct EngineSettings {
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { kind: EngineKind::Embedded, redis_url: "redis://127.0.0.1:6379/0".into() }
+        Self {
+            kind: EngineKind::Embedded,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+        }
     }
 }
 
 impl Default for AuthSettings {
     fn default() -> Self {
-        Self { api_keys: Vec::new(), jwt_secret: String::new(), insecure: false, max_token_ttl_secs: 7 * 86_400 }
+        Self {
+            api_keys: Vec::new(),
+            jwt_secret: String::new(),
+            insecure: false,
+            max_token_ttl_secs: 7 * 86_400,
+        }
     }
 }
 
@@ -147,11 +175,20 @@ impl Settings {
     }
 
     /// Like [`Settings::load`] with an explicit environment, for tests.
-    pub fn load_from(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, SettingsError> {
-        let mut tree = Value::try_from(Settings::default()).map_err(|e| key_error("(defaults)", e.to_string()))?;
-        let file = file.map(Path::to_path_buf).or_else(|| Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()));
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut tree = Value::try_from(Settings::default())
+            .map_err(|e| key_error("(defaults)", e.to_string()))?;
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()));
         if let Some(path) = file {
-            let file_err = |reason: String| SettingsError::File { path: path.display().to_string(), reason };
+            let file_err = |reason: String| SettingsError::File {
+                path: path.display().to_string(),
+                reason,
+            };
             let text = std::fs::read_to_string(&path).map_err(|e| file_err(e.to_string()))?;
             let table: Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
             merge(&mut tree, Value::Table(table));
@@ -161,7 +198,10 @@ impl Settings {
         }
         let settings: Settings = serde_path_to_error::deserialize(tree).map_err(|e| {
             let key = e.path().to_string();
-            key_error(if key == "." { "(root)".into() } else { key }, e.into_inner().to_string())
+            key_error(
+                if key == "." { "(root)".into() } else { key },
+                e.into_inner().to_string(),
+            )
         })?;
         settings.validate()?;
         Ok(settings)
@@ -175,13 +215,22 @@ impl Settings {
             return Err(key_error("heartbeat.interval_ms", "must be at least 10"));
         }
         if hb.timeout_ms < 2 * hb.interval_ms {
-            return Err(key_error("heartbeat.timeout_ms", format!("must be at least 2 × heartbeat.interval_ms ({})", 2 * hb.interval_ms)));
+            return Err(key_error(
+                "heartbeat.timeout_ms",
+                format!(
+                    "must be at least 2 × heartbeat.interval_ms ({})",
+                    2 * hb.interval_ms
+                ),
+            ));
         }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 32 {
             return Err(key_error("auth.jwt_secret", "must be at least 32 bytes"));
         }
         if let Some(i) = self.auth.api_keys.iter().position(|k| k.len() < 16) {
-            return Err(key_error("auth.api_keys", format!("key #{} is shorter than 16 bytes", i + 1)));
+            return Err(key_error(
+                "auth.api_keys",
+                format!("key #{} is shorter than 16 bytes", i + 1),
+            ));
         }
         if self.auth.max_token_ttl_secs == 0 {
             return Err(key_error("auth.max_token_ttl_secs", "must be at least 1"));
@@ -189,7 +238,10 @@ impl Settings {
         let positive = [
             ("store.retention_per_user", self.store.retention_per_user),
             ("store.retention_secs", self.store.retention_secs),
-            ("limits.max_payload_bytes", self.limits.max_payload_bytes as u64),
+            (
+                "limits.max_payload_bytes",
+                self.limits.max_payload_bytes as u64,
+            ),
             ("limits.max_frame_bytes", self.limits.max_frame_bytes as u64),
             ("limits.session_queue", self.limits.session_queue as u64),
             ("limits.gap_wait_ms", self.limits.gap_wait_ms),
@@ -208,7 +260,15 @@ impl Settings {
     }
 
     pub fn bind_addr(&self) -> Result<SocketAddr, SettingsError> {
-        self.server.bind.parse().map_err(|_| key_error("server.bind", format!("`{}` is not an address like 127.0.0.1:8080", self.server.bind)))
+        self.server.bind.parse().map_err(|_| {
+            key_error(
+                "server.bind",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:8080",
+                    self.server.bind
+                ),
+            )
+        })
     }
 
     pub fn hub_config(&self) -> HubConfig {
@@ -224,8 +284,16 @@ impl Settings {
     }
 
     pub fn retention(&self) -> Retention {
-        Retention { per_user: self.store.retention_per_user, max_age: Duration::from_secs(self.store.retention_secs) }
+        Retention {
+            per_user: self.store.retention_per_user,
+            max_age: Duration::from_secs(self.store.retention_secs),
+        }
     }
+}
+
+/// Parses a user id the way every endpoint does (for tools and tests).
+pub fn user_id(raw: &str) -> Result<herald_hub::UserId, herald_hub::InvalidUserId> {
+    herald_hub::UserId::parse(raw)
 }
 
 fn merge(base: &mut Value, over: Value) {
@@ -246,7 +314,9 @@ fn merge(base: &mut Value, over: Value) {
 
 /// Applies one `HERALD_<SECTION>__<KEY>` variable, typed after the default it replaces.
 fn apply_env(tree: &mut Value, name: &str, raw: &str) -> Result<(), SettingsError> {
-    let Some(rest) = name.strip_prefix(ENV_PREFIX) else { return Ok(()) };
+    let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        return Ok(());
+    };
     if !rest.contains("__") {
         return Ok(()); // HERALD_CONFIG and friends are not settings keys.
     }
@@ -263,9 +333,18 @@ fn apply_env(tree: &mut Value, name: &str, raw: &str) -> Result<(), SettingsErro
         Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?),
         Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?),
         Value::Array(_) => Value::Array(
-            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.to_owned())).collect(),
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
         ),
-        Value::Table(_) => return Err(key_error(&key, format!("is a section, not a key (from {name})"))),
+        Value::Table(_) => {
+            return Err(key_error(
+                &key,
+                format!("is a section, not a key (from {name})"),
+            ));
+        }
         _ => Value::String(raw.to_owned()),
     };
     Ok(())
@@ -276,7 +355,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     /// Loads `file` (TOML text, if any) plus `pairs` as the environment.
@@ -299,40 +381,66 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.bind, "127.0.0.1:0");
         assert_eq!(s.heartbeat.interval_ms, 1000);
-        assert_eq!(s.auth.api_keys, vec!["k1-0123456789abcdef", "k2-0123456789abcdef"]);
+        assert_eq!(
+            s.auth.api_keys,
+            vec!["k1-0123456789abcdef", "k2-0123456789abcdef"]
+        );
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = load(Some("[server]\nbindd = \"x\"\n"), &[]).unwrap_err().to_string();
+        let e = load(Some("[server]\nbindd = \"x\"\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bindd"), "{e}");
-        let e = load(None, &[("HERALD_SERVER__NOPE", "1")]).unwrap_err().to_string();
-        assert!(e.contains("server.nope") && e.contains("HERALD_SERVER__NOPE"), "{e}");
+        let e = load(None, &[("HERALD_SERVER__NOPE", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.nope") && e.contains("HERALD_SERVER__NOPE"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_values_are_named() {
-        let e = load(None, &[("HERALD_HEARTBEAT__INTERVAL_MS", "soon")]).unwrap_err().to_string();
+        let e = load(None, &[("HERALD_HEARTBEAT__INTERVAL_MS", "soon")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("heartbeat.interval_ms"), "{e}");
-        let e = load(Some("[heartbeat]\ninterval_ms = \"x\"\n"), &[]).unwrap_err().to_string();
+        let e = load(Some("[heartbeat]\ninterval_ms = \"x\"\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("heartbeat.interval_ms"), "{e}");
-        let e = load(None, &[("HERALD_ENGINE__KIND", "zookeeper")]).unwrap_err().to_string();
+        let e = load(None, &[("HERALD_ENGINE__KIND", "zookeeper")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("engine.kind"), "{e}");
     }
 
     #[test]
     fn timeout_must_be_twice_the_interval() {
-        let e = load(None, &[("HERALD_HEARTBEAT__INTERVAL_MS", "1000"), ("HERALD_HEARTBEAT__TIMEOUT_MS", "1999")])
-            .unwrap_err()
-            .to_string();
+        let e = load(
+            None,
+            &[
+                ("HERALD_HEARTBEAT__INTERVAL_MS", "1000"),
+                ("HERALD_HEARTBEAT__TIMEOUT_MS", "1999"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("heartbeat.timeout_ms"), "{e}");
     }
 
     #[test]
     fn unreadable_files_are_named() {
-        let e = Settings::load_from(Some(Path::new("/nonexistent/herald.toml")), env(&[])).unwrap_err().to_string();
+        let e = Settings::load_from(Some(Path::new("/nonexistent/herald.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/herald.toml"), "{e}");
-        let e = load(Some("this is = = not toml"), &[]).unwrap_err().to_string();
+        let e = load(Some("this is = = not toml"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("herald.toml"), "{e}");
     }
 
@@ -341,6 +449,9 @@ mod tests {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
         let from_file = Settings::load_from(Some(&shipped), env(&[])).unwrap();
         let built_in = Settings::default();
-        assert_eq!(toml::to_string(&from_file).unwrap(), toml::to_string(&built_in).unwrap());
+        assert_eq!(
+            toml::to_string(&from_file).unwrap(),
+            toml::to_string(&built_in).unwrap()
+        );
     }
 }

@@ -78,7 +78,14 @@ impl Hub {
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(Arc::clone(&metrics)).start();
         let broker = Arc::new(MemoryBroker::new(registry.clone()));
-        Self(Arc::new(Core { config, store, broker, registry, metrics, session_ids: SessionIds::default() }))
+        Self(Arc::new(Core {
+            config,
+            store,
+            broker,
+            registry,
+            metrics,
+            session_ids: SessionIds::default(),
+        }))
     }
 
     pub fn config(&self) -> HubConfig {
@@ -111,9 +118,22 @@ impl Hub {
     async fn publish_now(&self, user: UserId, publish: Publish) -> Result<Published, HubError> {
         let (ts, ts_ms) = now();
         let key = publish.idempotency_key.clone();
-        let draft = Draft { id: new_id(), event: publish.event, data: publish.data, ts, ts_ms, idempotency_key: publish.idempotency_key };
+        let draft = Draft {
+            id: new_id(),
+            event: publish.event,
+            data: publish.data,
+            ts,
+            ts_ms,
+            idempotency_key: publish.idempotency_key,
+        };
         let notification = match self.0.store.append(&user, draft).await? {
-            Appended::Duplicate(receipt) => return Ok(Published { user, receipt, duplicate: true }),
+            Appended::Duplicate(receipt) => {
+                return Ok(Published {
+                    user,
+                    receipt,
+                    duplicate: true,
+                });
+            }
             Appended::New(n) => n,
         };
         self.0.metrics.published();
@@ -128,20 +148,44 @@ impl Hub {
         };
         self.0.metrics.delivered(delivered);
         if let Some(key) = key {
-            self.0.store.record_delivered(&user, &key, delivered).await?;
+            self.0
+                .store
+                .record_delivered(&user, &key, delivered)
+                .await?;
         }
-        let receipt = Receipt { id: notification.id, seq: notification.seq, delivered };
-        Ok(Published { user, receipt, duplicate: false })
+        let receipt = Receipt {
+            id: notification.id,
+            seq: notification.seq,
+            delivered,
+        };
+        Ok(Published {
+            user,
+            receipt,
+            duplicate: false,
+        })
     }
 
     /// Publishes to several users at once; each gets its own seq.
-    pub async fn publish_many(&self, users: Vec<UserId>, publish: Publish) -> Result<Vec<Published>, HubError> {
-        let all = users.into_iter().map(|user| self.publish(user, publish.clone()));
-        futures_util::future::join_all(all).await.into_iter().collect()
+    pub async fn publish_many(
+        &self,
+        users: Vec<UserId>,
+        publish: Publish,
+    ) -> Result<Vec<Published>, HubError> {
+        let all = users
+            .into_iter()
+            .map(|user| self.publish(user, publish.clone()));
+        futures_util::future::join_all(all)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Sends a live frame to every connected session; nothing is stored.
-    pub async fn broadcast(&self, event: Option<String>, data: Box<RawValue>) -> Result<Broadcasted, HubError> {
+    pub async fn broadcast(
+        &self,
+        event: Option<String>,
+        data: Box<RawValue>,
+    ) -> Result<Broadcasted, HubError> {
         let (ts, _) = now();
         let id = new_id();
         let frame = protocol::broadcast_frame(&id, event.as_deref(), &data, &ts);
@@ -151,20 +195,36 @@ impl Hub {
         Ok(Broadcasted { id, delivered })
     }
 
-    pub async fn history(&self, user: &UserId, since: Seq, limit: usize) -> Result<History, HubError> {
+    pub async fn history(
+        &self,
+        user: &UserId,
+        since: Seq,
+        limit: usize,
+    ) -> Result<History, HubError> {
         let head = self.0.store.head(user).await?;
         let notifications = self.0.store.read(user, since, limit).await?;
-        Ok(History { last_seq: head.last_seq, notifications })
+        Ok(History {
+            last_seq: head.last_seq,
+            notifications,
+        })
     }
 
     /// Sessions the user holds on this node.
     pub async fn presence(&self, user: &UserId) -> Result<usize, HubError> {
-        self.0.registry.send(Presence { user: user.clone() }).await.map_err(|_| HubError::ShuttingDown)
+        self.0
+            .registry
+            .send(Presence { user: user.clone() })
+            .await
+            .map_err(|_| HubError::ShuttingDown)
     }
 
     /// Users online and sessions open on this node.
     pub async fn stats(&self) -> Result<RegistryStats, HubError> {
-        self.0.registry.send(Stats).await.map_err(|_| HubError::ShuttingDown)
+        self.0
+            .registry
+            .send(Stats)
+            .await
+            .map_err(|_| HubError::ShuttingDown)
     }
 
     /// Starts a session actor for an upgraded socket. Call on the worker that owns the socket.
@@ -182,7 +242,9 @@ impl Hub {
 
     /// Closes every session with 1001 and waits (up to `grace`) until they are gone.
     pub async fn close_sessions(&self, grace: Duration) {
-        let Ok(open) = self.0.registry.send(CloseAll).await else { return };
+        let Ok(open) = self.0.registry.send(CloseAll).await else {
+            return;
+        };
         tracing::info!(sessions = open, "closing sessions");
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
@@ -203,7 +265,9 @@ fn now() -> (String, i64) {
     let now = OffsetDateTime::now_utc();
     let ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
     // Millisecond precision keeps `ts` short and sortable.
-    let now = now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(now);
+    let now = now
+        .replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(now);
     (now.format(&Rfc3339).unwrap_or_default(), ms)
 }
 

@@ -37,7 +37,8 @@ impl UserId {
         if raw.len() > MAX_USER_ID_BYTES {
             return Err(InvalidUserId::TooLong);
         }
-        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-');
+        let allowed =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-');
         if !raw.bytes().all(allowed) {
             return Err(InvalidUserId::BadCharacter);
         }
@@ -124,7 +125,11 @@ mod tests {
         assert_eq!(UserId::parse("."), Err(InvalidUserId::DotSegment));
         assert_eq!(UserId::parse(".."), Err(InvalidUserId::DotSegment));
         for bad in ["a/b", "a b", "é", "a%2F", "a\0", "a\n", "a?b", "a#b"] {
-            assert_eq!(UserId::parse(bad), Err(InvalidUserId::BadCharacter), "{bad:?}");
+            assert_eq!(
+                UserId::parse(bad),
+                Err(InvalidUserId::BadCharacter),
+                "{bad:?}"
+            );
         }
     }
 

@@ -50,19 +50,50 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("herald");
         let (sessions, users_online) = (Gauge::default(), Gauge::default());
-        let (published, delivered, broadcasts) = (Counter::default(), Counter::default(), Counter::default());
+        let (published, delivered, broadcasts) =
+            (Counter::default(), Counter::default(), Counter::default());
         let evicted = Family::<EvictLabels, Counter>::default();
-        registry.register("sessions", "Open WebSocket sessions on this node", sessions.clone());
-        registry.register("users_online", "Users with at least one session on this node", users_online.clone());
-        registry.register("notifications_published", "Notifications stored and fanned out", published.clone());
-        registry.register("notifications_delivered", "Frames handed to sessions (notifications and broadcasts)", delivered.clone());
+        registry.register(
+            "sessions",
+            "Open WebSocket sessions on this node",
+            sessions.clone(),
+        );
+        registry.register(
+            "users_online",
+            "Users with at least one session on this node",
+            users_online.clone(),
+        );
+        registry.register(
+            "notifications_published",
+            "Notifications stored and fanned out",
+            published.clone(),
+        );
+        registry.register(
+            "notifications_delivered",
+            "Frames handed to sessions (notifications and broadcasts)",
+            delivered.clone(),
+        );
         registry.register("broadcasts", "Broadcasts fanned out", broadcasts.clone());
-        registry.register("sessions_evicted", "Sessions closed by the server, by reason", evicted.clone());
+        registry.register(
+            "sessions_evicted",
+            "Sessions closed by the server, by reason",
+            evicted.clone(),
+        );
         for reason in [EvictReason::Heartbeat, EvictReason::SlowConsumer] {
             // Present from the start so dashboards and tests see 0, not nothing.
-            let _ = evicted.get_or_create(&EvictLabels { reason: reason.into() });
+            let _ = evicted.get_or_create(&EvictLabels {
+                reason: reason.into(),
+            });
         }
-        Self { registry, sessions, users_online, published, delivered, broadcasts, evicted }
+        Self {
+            registry,
+            sessions,
+            users_online,
+            published,
+            delivered,
+            broadcasts,
+            evicted,
+        }
     }
 }
 
@@ -85,11 +116,19 @@ impl Metrics {
     }
 
     pub fn evicted(&self, reason: EvictReason) {
-        self.evicted.get_or_create(&EvictLabels { reason: reason.into() }).inc();
+        self.evicted
+            .get_or_create(&EvictLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn evicted_count(&self, reason: EvictReason) -> u64 {
-        self.evicted.get_or_create(&EvictLabels { reason: reason.into() }).get()
+        self.evicted
+            .get_or_create(&EvictLabels {
+                reason: reason.into(),
+            })
+            .get()
     }
 
     /// The Prometheus text exposition format.

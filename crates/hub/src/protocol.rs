@@ -66,7 +66,15 @@ pub fn hello<'a>(
     recovered: Option<bool>,
     heartbeat: HeartbeatInfo,
 ) -> Hello<'a> {
-    Hello { kind: "hello", session: session.to_string(), user, seq, first_seq, recovered, heartbeat }
+    Hello {
+        kind: "hello",
+        session: session.to_string(),
+        user,
+        seq,
+        first_seq,
+        recovered,
+        heartbeat,
+    }
 }
 
 #[derive(Serialize)]
@@ -82,8 +90,21 @@ struct NotificationFrame<'a> {
 }
 
 /// `{"type":"notification",...}`: what a session receives and what history returns.
-pub fn notification_frame(id: &str, seq: Seq, event: Option<&str>, data: &RawValue, ts: &str) -> ByteString {
-    encode(&NotificationFrame { kind: "notification", id, seq, event, data, ts })
+pub fn notification_frame(
+    id: &str,
+    seq: Seq,
+    event: Option<&str>,
+    data: &RawValue,
+    ts: &str,
+) -> ByteString {
+    encode(&NotificationFrame {
+        kind: "notification",
+        id,
+        seq,
+        event,
+        data,
+        ts,
+    })
 }
 
 #[derive(Serialize)]
@@ -99,7 +120,13 @@ struct BroadcastFrame<'a> {
 
 /// `{"type":"broadcast",...}`: live only, no seq.
 pub fn broadcast_frame(id: &str, event: Option<&str>, data: &RawValue, ts: &str) -> ByteString {
-    encode(&BroadcastFrame { kind: "broadcast", id, event, data, ts })
+    encode(&BroadcastFrame {
+        kind: "broadcast",
+        id,
+        event,
+        data,
+        ts,
+    })
 }
 
 pub fn pong_frame() -> ByteString {
@@ -115,7 +142,11 @@ struct ErrorFrame<'a> {
 }
 
 pub fn error_frame(code: &str, message: &str) -> ByteString {
-    encode(&ErrorFrame { kind: "error", code, message })
+    encode(&ErrorFrame {
+        kind: "error",
+        code,
+        message,
+    })
 }
 
 fn encode<T: Serialize>(frame: &T) -> ByteString {
@@ -163,7 +194,13 @@ mod tests {
     #[test]
     fn notification_frame_matches_the_contract() {
         let data = RawValue::from_string(r#"{"order":42}"#.into()).unwrap();
-        let frame = notification_frame("n1", 19, Some("order.shipped"), &data, "2026-11-25T17:00:00Z");
+        let frame = notification_frame(
+            "n1",
+            19,
+            Some("order.shipped"),
+            &data,
+            "2026-11-25T17:00:00Z",
+        );
         let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(
             v,
@@ -173,9 +210,15 @@ mod tests {
 
     #[test]
     fn client_frames() {
-        assert_eq!(ClientFrame::parse(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping)
+        );
         assert_eq!(ClientFrame::parse("nope"), Err(BadFrame::NotJson));
         assert_eq!(ClientFrame::parse("{}"), Err(BadFrame::NoType));
-        assert_eq!(ClientFrame::parse(r#"{"type":"sub"}"#), Err(BadFrame::UnknownType("sub".into())));
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"sub"}"#),
+            Err(BadFrame::UnknownType("sub".into()))
+        );
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::ids::{Seq, SessionId, UserId};
 use crate::metrics::Metrics;
-use crate::session::{EvictReason, Evict, Outbound};
+use crate::session::{Evict, EvictReason, Outbound};
 
 /// How the registry reaches one session.
 pub struct SessionEntry {
@@ -31,7 +31,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { users: HashMap::new(), sessions: 0, metrics }
+        Self {
+            users: HashMap::new(),
+            sessions: 0,
+            metrics,
+        }
     }
 
     fn publish_presence(&self) {
@@ -39,10 +43,10 @@ impl Registry {
     }
 
     /// Hands `item` to every session in `entries`; evicts the ones whose queue is full.
-    fn fan_out<'a>(
+    fn fan_out(
         entries: &mut Vec<SessionEntry>,
         item: impl Fn() -> Outbound,
-        user: Option<&'a UserId>,
+        user: Option<&UserId>,
     ) -> (usize, usize) {
         let before = entries.len();
         let mut handed = 0;
@@ -144,7 +148,9 @@ impl Handler<Leave> for Registry {
 
     /// Removes exactly that session, if it is still there.
     fn handle(&mut self, msg: Leave, _: &mut Self::Context) {
-        let Some(entries) = self.users.get_mut(&msg.user) else { return };
+        let Some(entries) = self.users.get_mut(&msg.user) else {
+            return;
+        };
         let before = entries.len();
         entries.retain(|e| e.id != msg.session);
         self.sessions -= before - entries.len();
@@ -160,9 +166,18 @@ impl Handler<Deliver> for Registry {
 
     /// Fans one notification out to the user's sessions; answers how many took it.
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> usize {
-        let Some(entries) = self.users.get_mut(&msg.user) else { return 0 };
+        let Some(entries) = self.users.get_mut(&msg.user) else {
+            return 0;
+        };
         let (seq, frame) = (msg.seq, msg.frame);
-        let (handed, dropped) = Self::fan_out(entries, || Outbound::Notification { seq, frame: frame.clone() }, Some(&msg.user));
+        let (handed, dropped) = Self::fan_out(
+            entries,
+            || Outbound::Notification {
+                seq,
+                frame: frame.clone(),
+            },
+            Some(&msg.user),
+        );
         if entries.is_empty() {
             self.users.remove(&msg.user);
         }
@@ -182,7 +197,8 @@ impl Handler<Broadcast> for Registry {
         let mut total = 0;
         let mut dropped_total = 0;
         for (user, entries) in self.users.iter_mut() {
-            let (handed, dropped) = Self::fan_out(entries, || Outbound::Frame(msg.frame.clone()), Some(user));
+            let (handed, dropped) =
+                Self::fan_out(entries, || Outbound::Frame(msg.frame.clone()), Some(user));
             total += handed;
             dropped_total += dropped;
         }
@@ -209,7 +225,9 @@ impl Handler<CloseAll> for Registry {
     /// Asks every session to close with 1001; they leave as they stop.
     fn handle(&mut self, _: CloseAll, _: &mut Self::Context) -> usize {
         for entry in self.users.values().flatten() {
-            let _ = entry.control.try_send(Evict { reason: EvictReason::Shutdown });
+            let _ = entry.control.try_send(Evict {
+                reason: EvictReason::Shutdown,
+            });
         }
         self.sessions
     }
@@ -219,6 +237,9 @@ impl Handler<Stats> for Registry {
     type Result = RegistryStats;
 
     fn handle(&mut self, _: Stats, _: &mut Self::Context) -> RegistryStats {
-        RegistryStats { users: self.users.len(), sessions: self.sessions }
+        RegistryStats {
+            users: self.users.len(),
+            sessions: self.sessions,
+        }
     }
 }

@@ -37,21 +37,45 @@ impl AppState {
 const USER: &str = "{user:[^/]*}";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let resource = |path: String, route: Route| web::resource(path).route(route).default_service(web::to(method_not_allowed));
-    cfg.service(resource(format!("/v1/users/{USER}/notifications"), web::post().to(publish::to_user)).route(web::get().to(state::history)))
-        .service(resource("/v1/notifications".into(), web::post().to(publish::to_users)))
-        .service(resource("/v1/broadcast".into(), web::post().to(publish::broadcast)))
-        .service(resource(format!("/v1/users/{USER}/presence"), web::get().to(state::presence)))
-        .service(resource("/v1/tokens".into(), web::post().to(tokens::mint)))
-        .service(resource(format!("/ws/{USER}"), web::get().to(subscribe::upgrade)))
-        .service(resource("/healthz".into(), web::get().to(ops::healthz)))
-        .service(resource("/metrics".into(), web::get().to(ops::metrics)))
-        .default_service(web::to(not_found));
+    let resource = |path: String, route: Route| {
+        web::resource(path)
+            .route(route)
+            .default_service(web::to(method_not_allowed))
+    };
+    cfg.service(
+        resource(
+            format!("/v1/users/{USER}/notifications"),
+            web::post().to(publish::to_user),
+        )
+        .route(web::get().to(state::history)),
+    )
+    .service(resource(
+        "/v1/notifications".into(),
+        web::post().to(publish::to_users),
+    ))
+    .service(resource(
+        "/v1/broadcast".into(),
+        web::post().to(publish::broadcast),
+    ))
+    .service(resource(
+        format!("/v1/users/{USER}/presence"),
+        web::get().to(state::presence),
+    ))
+    .service(resource("/v1/tokens".into(), web::post().to(tokens::mint)))
+    .service(resource(
+        format!("/ws/{USER}"),
+        web::get().to(subscribe::upgrade),
+    ))
+    .service(resource("/healthz".into(), web::get().to(ops::healthz)))
+    .service(resource("/metrics".into(), web::get().to(ops::metrics)))
+    .default_service(web::to(not_found));
 }
 
 /// The `{user}` path segment, validated.
 fn path_user(req: &HttpRequest) -> Result<UserId, ApiError> {
-    Ok(UserId::parse(req.match_info().get("user").unwrap_or_default())?)
+    Ok(UserId::parse(
+        req.match_info().get("user").unwrap_or_default(),
+    )?)
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -44,58 +44,95 @@ struct ToEveryone {
 
 fn check_event(event: &Option<String>) -> Result<(), ApiError> {
     match event {
-        Some(e) if e.len() > MAX_EVENT_BYTES => {
-            Err(ApiError::InvalidField { field: "event", reason: format!("is longer than {MAX_EVENT_BYTES} bytes") })
-        }
+        Some(e) if e.len() > MAX_EVENT_BYTES => Err(ApiError::InvalidField {
+            field: "event",
+            reason: format!("is longer than {MAX_EVENT_BYTES} bytes"),
+        }),
         _ => Ok(()),
     }
 }
 
 fn check_key(key: &Option<String>) -> Result<(), ApiError> {
     match key {
-        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES => Err(ApiError::InvalidField {
-            field: "idempotency_key",
-            reason: format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
-        }),
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES => {
+            Err(ApiError::InvalidField {
+                field: "idempotency_key",
+                reason: format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+            })
+        }
         _ => Ok(()),
     }
 }
 
 /// `POST /v1/users/{user}/notifications`: 202 when new, 200 when the idempotency key was seen.
-pub async fn to_user(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn to_user(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.auth.check_publisher(&req)?;
     let user = path_user(&req)?;
     let body: ToUser = read_json(&req, payload, state.max_payload_bytes).await?;
     check_event(&body.event)?;
     check_key(&body.idempotency_key)?;
-    let publish = Publish { event: body.event, data: body.data, idempotency_key: body.idempotency_key };
-    let Published { user, receipt, duplicate } = state.hub.publish(user, publish).await?;
-    let status = if duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
-    Ok(HttpResponse::build(status)
-        .json(json!({"id": receipt.id, "user": user, "seq": receipt.seq, "delivered": receipt.delivered})))
+    let publish = Publish {
+        event: body.event,
+        data: body.data,
+        idempotency_key: body.idempotency_key,
+    };
+    let Published {
+        user,
+        receipt,
+        duplicate,
+    } = state.hub.publish(user, publish).await?;
+    let status = if duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(HttpResponse::build(status).json(
+        json!({"id": receipt.id, "user": user, "seq": receipt.seq, "delivered": receipt.delivered}),
+    ))
 }
 
 /// `POST /v1/notifications`: the same notification to up to 1,000 users, each in its own stream.
-pub async fn to_users(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn to_users(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.auth.check_publisher(&req)?;
     let body: ToUsers = read_json(&req, payload, state.max_payload_bytes).await?;
     check_event(&body.event)?;
     check_key(&body.idempotency_key)?;
     if body.users.is_empty() || body.users.len() > MAX_USERS_PER_PUBLISH {
-        return Err(ApiError::InvalidField { field: "users", reason: format!("must list 1 to {MAX_USERS_PER_PUBLISH} users") });
+        return Err(ApiError::InvalidField {
+            field: "users",
+            reason: format!("must list 1 to {MAX_USERS_PER_PUBLISH} users"),
+        });
     }
     let mut seen = HashSet::new();
     let mut users = Vec::with_capacity(body.users.len());
     for raw in &body.users {
-        let user = UserId::parse(raw)
-            .map_err(|e| ApiError::InvalidField { field: "users", reason: format!("holds `{}`: {e}", raw.escape_debug()) })?;
+        let user = UserId::parse(raw).map_err(|e| ApiError::InvalidField {
+            field: "users",
+            reason: format!("holds `{}`: {e}", raw.escape_debug()),
+        })?;
         if seen.insert(user.clone()) {
             users.push(user);
         }
     }
-    let publish = Publish { event: body.event, data: body.data, idempotency_key: body.idempotency_key };
+    let publish = Publish {
+        event: body.event,
+        data: body.data,
+        idempotency_key: body.idempotency_key,
+    };
     let published = state.hub.publish_many(users, publish).await?;
-    let id = published.iter().find(|p| !p.duplicate).or(published.first()).map(|p| p.receipt.id.clone());
+    let id = published
+        .iter()
+        .find(|p| !p.duplicate)
+        .or(published.first())
+        .map(|p| p.receipt.id.clone());
     let results: Vec<_> = published
         .iter()
         .map(|p| json!({"user": p.user, "id": p.receipt.id, "seq": p.receipt.seq, "delivered": p.receipt.delivered}))
@@ -104,7 +141,11 @@ pub async fn to_users(req: HttpRequest, payload: web::Payload, state: web::Data<
 }
 
 /// `POST /v1/broadcast`: every connected session, live only.
-pub async fn broadcast(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn broadcast(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.auth.check_publisher(&req)?;
     let body: ToEveryone = read_json(&req, payload, state.max_payload_bytes).await?;
     check_event(&body.event)?;

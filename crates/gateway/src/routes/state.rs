@@ -20,13 +20,19 @@ struct HistoryQuery {
 }
 
 /// `GET /v1/users/{user}/notifications?since=&limit=`: oldest first.
-pub async fn history(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn history(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.auth.check_publisher(&req)?;
     let user = path_user(&req)?;
-    let query = web::Query::<HistoryQuery>::from_query(req.query_string()).map_err(|e| ApiError::InvalidQuery(e.to_string()))?;
+    let query = web::Query::<HistoryQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::InvalidQuery(e.to_string()))?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::InvalidQuery(format!("limit must be 1 to {MAX_LIMIT}")));
+        return Err(ApiError::InvalidQuery(format!(
+            "limit must be 1 to {MAX_LIMIT}"
+        )));
     }
     let history = state.hub.history(&user, query.since, limit).await?;
     let frames: Vec<Box<RawValue>> = history
@@ -34,13 +40,20 @@ pub async fn history(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
         .into_iter()
         .filter_map(|n| RawValue::from_string(n.frame.to_string()).ok())
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"user": user, "last_seq": history.last_seq, "notifications": frames})))
+    Ok(HttpResponse::Ok()
+        .json(json!({"user": user, "last_seq": history.last_seq, "notifications": frames})))
 }
 
 /// `GET /v1/users/{user}/presence`.
-pub async fn presence(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn presence(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.auth.check_publisher(&req)?;
     let user = path_user(&req)?;
     let sessions = state.hub.presence(&user).await?;
-    Ok(HttpResponse::Ok().json(json!({"user": user, "online": sessions > 0, "sessions": sessions})))
+    Ok(
+        HttpResponse::Ok()
+            .json(json!({"user": user, "online": sessions > 0, "sessions": sessions})),
+    )
 }

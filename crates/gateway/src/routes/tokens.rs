@@ -21,16 +21,24 @@ struct MintRequest {
     ttl_secs: Option<u64>,
 }
 
-pub async fn mint(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn mint(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.auth.check_publisher(&req)?;
     let body: MintRequest = read_json(&req, payload, state.max_payload_bytes).await?;
     let user = UserId::parse(&body.user)?;
     let ttl = body.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
     if !(1..=state.max_token_ttl_secs).contains(&ttl) {
-        return Err(ApiError::InvalidField { field: "ttl_secs", reason: format!("must be 1 to {}", state.max_token_ttl_secs) });
+        return Err(ApiError::InvalidField {
+            field: "ttl_secs",
+            reason: format!("must be 1 to {}", state.max_token_ttl_secs),
+        });
     }
     let minted = state.auth.mint(&user, ttl)?;
-    Ok(HttpResponse::Ok().json(json!({"token": minted.token, "expires_at": rfc3339(minted.expires_at)})))
+    Ok(HttpResponse::Ok()
+        .json(json!({"token": minted.token, "expires_at": rfc3339(minted.expires_at)})))
 }
 
 pub fn rfc3339(unix_secs: u64) -> String {

@@ -21,11 +21,21 @@ impl MemoryBroker {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, n: &Notification) -> Result<usize, BrokerError> {
-        let deliver = Deliver { user: n.user.clone(), seq: n.seq, frame: n.frame.clone() };
-        self.registry.send(deliver).await.map_err(|e| BrokerError::Unavailable(e.to_string()))
+        let deliver = Deliver {
+            user: n.user.clone(),
+            seq: n.seq,
+            frame: n.frame.clone(),
+        };
+        self.registry
+            .send(deliver)
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
     }
 
     async fn broadcast(&self, frame: ByteString) -> Result<usize, BrokerError> {
-        self.registry.send(Broadcast { frame }).await.map_err(|e| BrokerError::Unavailable(e.to_string()))
+        self.registry
+            .send(Broadcast { frame })
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
     }
 }

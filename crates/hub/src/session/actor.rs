@@ -43,10 +43,24 @@ impl Session {
     ) -> Addr<Self> {
         let config = hub.config();
         let (outbound, queue) = mpsc::channel(config.session_queue);
-        let stream = stream.max_frame_size(config.max_frame_bytes).aggregate_continuations().max_continuation_size(config.max_frame_bytes);
+        let stream = stream
+            .max_frame_size(config.max_frame_bytes)
+            .aggregate_continuations()
+            .max_continuation_size(config.max_frame_bytes);
         Session::create(move |ctx| {
             ctx.add_stream(stream);
-            Session { id, user, since, hub, ws, outbound, queue: Some(queue), last_seen: Instant::now(), writer: None, closing: false }
+            Session {
+                id,
+                user,
+                since,
+                hub,
+                ws,
+                outbound,
+                queue: Some(queue),
+                last_seen: Instant::now(),
+                writer: None,
+                closing: false,
+            }
         })
     }
 
@@ -86,7 +100,10 @@ impl Session {
             ctx.cancel_future(writer);
         }
         let ws = self.ws.clone();
-        let reason = CloseReason { code: code.code().into(), description: None };
+        let reason = CloseReason {
+            code: code.code().into(),
+            description: None,
+        };
         actix_rt::spawn(async move {
             let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(Some(reason))).await;
         });
@@ -94,7 +111,9 @@ impl Session {
     }
 
     fn start_writer(&mut self, ctx: &mut Context<Self>) {
-        let Some(queue) = self.queue.take() else { return };
+        let Some(queue) = self.queue.take() else {
+            return;
+        };
         let config = self.hub.config();
         let writer = Writer {
             ws: self.ws.clone(),
@@ -128,21 +147,32 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         tracing::debug!(user = %self.user, session = %self.id, "session started");
-        ctx.run_interval(self.hub.config().heartbeat.interval, |act, ctx| act.heartbeat(ctx));
+        ctx.run_interval(self.hub.config().heartbeat.interval, |act, ctx| {
+            act.heartbeat(ctx)
+        });
         let join = Join {
             user: self.user.clone(),
-            entry: SessionEntry { id: self.id, outbound: self.outbound.clone(), control: ctx.address().recipient() },
+            entry: SessionEntry {
+                id: self.id,
+                outbound: self.outbound.clone(),
+                control: ctx.address().recipient(),
+            },
         };
         // The writer reads the user's head only after the registry holds the session,
         // so nothing published in between can fall through the gap.
-        ctx.wait(self.hub.registry().send(join).into_actor(self).map(|joined, act, ctx| match joined {
-            Ok(()) => act.start_writer(ctx),
-            Err(_) => ctx.stop(),
-        }));
+        ctx.wait(self.hub.registry().send(join).into_actor(self).map(
+            |joined, act, ctx| match joined {
+                Ok(()) => act.start_writer(ctx),
+                Err(_) => ctx.stop(),
+            },
+        ));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.hub.registry().do_send(Leave { user: self.user.clone(), session: self.id });
+        self.hub.registry().do_send(Leave {
+            user: self.user.clone(),
+            session: self.id,
+        });
         tracing::debug!(user = %self.user, session = %self.id, "session stopped");
     }
 }
@@ -154,11 +184,18 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
         match item {
             Ok(AggregatedMessage::Text(text)) => match ClientFrame::parse(&text) {
                 Ok(ClientFrame::Ping) => self.reply(ctx, Outbound::Frame(protocol::pong_frame())),
-                Err(bad) => self.reply(ctx, Outbound::Frame(protocol::error_frame("bad_frame", &bad.to_string()))),
+                Err(bad) => self.reply(
+                    ctx,
+                    Outbound::Frame(protocol::error_frame("bad_frame", &bad.to_string())),
+                ),
             },
-            Ok(AggregatedMessage::Binary(_)) => {
-                self.reply(ctx, Outbound::Frame(protocol::error_frame("bad_frame", "binary frames are not supported")))
-            }
+            Ok(AggregatedMessage::Binary(_)) => self.reply(
+                ctx,
+                Outbound::Frame(protocol::error_frame(
+                    "bad_frame",
+                    "binary frames are not supported",
+                )),
+            ),
             Ok(AggregatedMessage::Ping(payload)) => self.reply(ctx, Outbound::Pong(payload)),
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => self.close(ctx, CloseCode::Normal),

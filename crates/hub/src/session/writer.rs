@@ -98,7 +98,14 @@ impl Writer {
             Some(since) if since > head.last_seq => (head.first_seq.saturating_sub(1), Some(false)),
             Some(since) => (since, Some(since + 1 >= head.first_seq)),
         };
-        let hello = protocol::hello(self.session, &self.user, head.last_seq, head.first_seq, recovered, self.heartbeat);
+        let hello = protocol::hello(
+            self.session,
+            &self.user,
+            head.last_seq,
+            head.first_seq,
+            recovered,
+            self.heartbeat,
+        );
         self.ws.text(hello.encode()).await?;
         if recovered == Some(false) {
             tracing::info!(user = %self.user, session = %self.session, since = ?self.since, first_seq = head.first_seq, "resume older than retention");
@@ -120,7 +127,11 @@ impl Writer {
     }
 
     /// After sending `cursor`, sends every held seq that now follows on.
-    async fn send_contiguous(&mut self, mut cursor: Seq, early: &mut BTreeMap<Seq, ByteString>) -> Result<Seq, WriterError> {
+    async fn send_contiguous(
+        &mut self,
+        mut cursor: Seq,
+        early: &mut BTreeMap<Seq, ByteString>,
+    ) -> Result<Seq, WriterError> {
         while let Some(entry) = early.first_entry() {
             if *entry.key() > cursor + 1 {
                 break;
@@ -135,12 +146,20 @@ impl Writer {
     }
 
     /// The missing seqs did not come live: read them from the store, then flush what was held.
-    async fn fill_gap(&mut self, mut cursor: Seq, early: &mut BTreeMap<Seq, ByteString>) -> Result<Seq, WriterError> {
-        let Some(&first_early) = early.keys().next() else { return Ok(cursor) };
+    async fn fill_gap(
+        &mut self,
+        mut cursor: Seq,
+        early: &mut BTreeMap<Seq, ByteString>,
+    ) -> Result<Seq, WriterError> {
+        let Some(&first_early) = early.keys().next() else {
+            return Ok(cursor);
+        };
         while cursor + 1 < first_early {
             let want = ((first_early - cursor - 1) as usize).min(PAGE);
             let page = self.store.read(&self.user, cursor, want).await?;
-            let Some(last) = page.last().map(|s| s.seq) else { break };
+            let Some(last) = page.last().map(|s| s.seq) else {
+                break;
+            };
             for stored in page.into_iter().filter(|s| s.seq < first_early) {
                 self.ws.text(stored.frame).await?;
             }

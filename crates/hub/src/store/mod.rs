@@ -1,8 +1,8 @@
 //! Durable per-user history behind one trait: seq assignment, replay, idempotency, retention.
 
-mod sqlite;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod sqlite;
 
 pub use sqlite::SqliteStore;
 
@@ -82,13 +82,23 @@ pub trait Store: Send + Sync + 'static {
     async fn append(&self, user: &UserId, draft: Draft) -> Result<Appended, StoreError>;
 
     /// Up to `limit` notifications with seq > `after`, oldest first, within retention.
-    async fn read(&self, user: &UserId, after: Seq, limit: usize) -> Result<Vec<Stored>, StoreError>;
+    async fn read(
+        &self,
+        user: &UserId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError>;
 
     /// The user's stored range.
     async fn head(&self, user: &UserId) -> Result<Head, StoreError>;
 
     /// Remembers how many sessions the first publish with this key reached.
-    async fn record_delivered(&self, user: &UserId, key: &str, delivered: usize) -> Result<(), StoreError>;
+    async fn record_delivered(
+        &self,
+        user: &UserId,
+        key: &str,
+        delivered: usize,
+    ) -> Result<(), StoreError>;
 
     /// Finishes pending writes and releases the store.
     async fn close(&self) -> Result<(), StoreError>;

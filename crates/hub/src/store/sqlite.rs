@@ -51,9 +51,19 @@ CREATE INDEX idempotency_by_age ON idempotency (ts_ms);
 ";
 
 enum Command {
-    Append { user: UserId, draft: Draft, reply: oneshot::Sender<Result<Appended, StoreError>> },
-    Delivered { user: UserId, key: String, delivered: usize },
-    Close { reply: oneshot::Sender<()> },
+    Append {
+        user: UserId,
+        draft: Draft,
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+    },
+    Delivered {
+        user: UserId,
+        key: String,
+        delivered: usize,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// SQLite-backed [`Store`]. Writes go through one thread so seq assignment is
@@ -69,11 +79,20 @@ impl SqliteStore {
     /// read as its own schema; never truncates or overwrites an existing file.
     pub fn open(dir: &Path, retention: Retention, fsync: bool) -> Result<Self, StoreError> {
         let file = dir.join(DB_FILE);
-        let open_err = |reason: String| StoreError::Open { path: file.display().to_string(), reason };
-        create_private_dir(dir).map_err(|e| StoreError::Open { path: dir.display().to_string(), reason: e.to_string() })?;
+        let open_err = |reason: String| StoreError::Open {
+            path: file.display().to_string(),
+            reason,
+        };
+        create_private_dir(dir).map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
 
-        let writer = Connection::open_with_flags(&file, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)
-            .map_err(|e| open_err(e.to_string()))?;
+        let writer = Connection::open_with_flags(
+            &file,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+        .map_err(|e| open_err(e.to_string()))?;
         prepare_writer(&writer, fsync).map_err(open_err)?;
 
         let readers = Arc::new(ReaderPool::new(file.clone()));
@@ -84,15 +103,29 @@ impl SqliteStore {
         let (tx, rx) = std_mpsc::channel();
         thread::Builder::new()
             .name("herald-store".into())
-            .spawn(move || Writer { conn: writer, retention }.run(rx))
+            .spawn(move || {
+                Writer {
+                    conn: writer,
+                    retention,
+                }
+                .run(rx)
+            })
             .map_err(|e| open_err(e.to_string()))?;
         tracing::info!(path = %file.display(), fsync, "store opened");
-        Ok(Self { commands: Mutex::new(Some(tx)), readers, retention })
+        Ok(Self {
+            commands: Mutex::new(Some(tx)),
+            readers,
+            retention,
+        })
     }
 
     fn send(&self, cmd: Command) -> Result<(), StoreError> {
         let guard = self.commands.lock().map_err(|_| StoreError::Closed)?;
-        guard.as_ref().ok_or(StoreError::Closed)?.send(cmd).map_err(|_| StoreError::Closed)
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(cmd)
+            .map_err(|_| StoreError::Closed)
     }
 
     fn cutoff_ms(&self) -> i64 {
@@ -104,11 +137,20 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn append(&self, user: &UserId, draft: Draft) -> Result<Appended, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Append { user: user.clone(), draft, reply })?;
+        self.send(Command::Append {
+            user: user.clone(),
+            draft,
+            reply,
+        })?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read(&self, user: &UserId, after: Seq, limit: usize) -> Result<Vec<Stored>, StoreError> {
+    async fn read(
+        &self,
+        user: &UserId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
         let (user, cutoff) = (user.clone(), self.cutoff_ms());
         self.readers
             .with(move |conn| {
@@ -116,9 +158,15 @@ impl Store for SqliteStore {
                     "SELECT seq, frame FROM notifications
                      WHERE user = ?1 AND seq > ?2 AND ts_ms >= ?3 ORDER BY seq LIMIT ?4",
                 )?;
-                let rows = stmt.query_map(params![user.as_str(), after as i64, cutoff, limit as i64], |row| {
-                    Ok(Stored { seq: row.get::<_, i64>(0)? as Seq, frame: ByteString::from(row.get::<_, String>(1)?) })
-                })?;
+                let rows = stmt.query_map(
+                    params![user.as_str(), after as i64, cutoff, limit as i64],
+                    |row| {
+                        Ok(Stored {
+                            seq: row.get::<_, i64>(0)? as Seq,
+                            frame: ByteString::from(row.get::<_, String>(1)?),
+                        })
+                    },
+                )?;
                 rows.collect()
             })
             .await
@@ -130,7 +178,11 @@ impl Store for SqliteStore {
             .with(move |conn| {
                 let tx = conn.unchecked_transaction()?;
                 let last: i64 = tx
-                    .query_row("SELECT last_seq FROM users WHERE user = ?1", [user.as_str()], |r| r.get(0))
+                    .query_row(
+                        "SELECT last_seq FROM users WHERE user = ?1",
+                        [user.as_str()],
+                        |r| r.get(0),
+                    )
                     .optional()?
                     .unwrap_or(0);
                 let first: Option<i64> = tx.query_row(
@@ -139,20 +191,34 @@ impl Store for SqliteStore {
                     |r| r.get(0),
                 )?;
                 tx.finish()?;
-                Ok(Head { first_seq: first.unwrap_or(last + 1) as Seq, last_seq: last as Seq })
+                Ok(Head {
+                    first_seq: first.unwrap_or(last + 1) as Seq,
+                    last_seq: last as Seq,
+                })
             })
             .await
     }
 
-    async fn record_delivered(&self, user: &UserId, key: &str, delivered: usize) -> Result<(), StoreError> {
-        self.send(Command::Delivered { user: user.clone(), key: key.to_owned(), delivered })
+    async fn record_delivered(
+        &self,
+        user: &UserId,
+        key: &str,
+        delivered: usize,
+    ) -> Result<(), StoreError> {
+        self.send(Command::Delivered {
+            user: user.clone(),
+            key: key.to_owned(),
+            delivered,
+        })
     }
 
     async fn close(&self) -> Result<(), StoreError> {
         let sender = self.commands.lock().map_err(|_| StoreError::Closed)?.take();
         let Some(sender) = sender else { return Ok(()) };
         let (reply, done) = oneshot::channel();
-        sender.send(Command::Close { reply }).map_err(|_| StoreError::Closed)?;
+        sender
+            .send(Command::Close { reply })
+            .map_err(|_| StoreError::Closed)?;
         let _ = done.await;
         Ok(())
     }
@@ -166,7 +232,8 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Command>) {
-        let prune_every = (self.retention.max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let prune_every =
+            (self.retention.max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let mut last_prune = std::time::Instant::now();
         loop {
             let first = match rx.recv_timeout(prune_every) {
@@ -207,16 +274,28 @@ impl Writer {
         let mut close = None;
         let mut replies = Vec::with_capacity(batch.len());
         let result: rusqlite::Result<()> = (|| {
-            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             for cmd in batch {
                 match cmd {
                     Command::Append { user, draft, reply } => {
                         let outcome = append_one(&tx, &user, draft, self.retention)?;
                         replies.push((reply, outcome));
                     }
-                    Command::Delivered { user, key, delivered } => {
-                        tx.prepare_cached("UPDATE idempotency SET delivered = ?3 WHERE user = ?1 AND key = ?2")?
-                            .execute(params![user.as_str(), key, delivered as i64])?;
+                    Command::Delivered {
+                        user,
+                        key,
+                        delivered,
+                    } => {
+                        tx.prepare_cached(
+                            "UPDATE idempotency SET delivered = ?3 WHERE user = ?1 AND key = ?2",
+                        )?
+                        .execute(params![
+                            user.as_str(),
+                            key,
+                            delivered as i64
+                        ])?;
                     }
                     Command::Close { reply } => close = Some(reply),
                 }
@@ -241,9 +320,14 @@ impl Writer {
 
     fn prune(&mut self) {
         let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
-        let result = self.conn.execute("DELETE FROM notifications WHERE ts_ms < ?1", [cutoff]).and_then(|n| {
-            self.conn.execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff]).map(|m| (n, m))
-        });
+        let result = self
+            .conn
+            .execute("DELETE FROM notifications WHERE ts_ms < ?1", [cutoff])
+            .and_then(|n| {
+                self.conn
+                    .execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff])
+                    .map(|m| (n, m))
+            });
         match result {
             Ok((0, 0)) => {}
             Ok((notifications, keys)) => tracing::debug!(notifications, keys, "retention pruned"),
@@ -252,7 +336,12 @@ impl Writer {
     }
 }
 
-fn append_one(tx: &rusqlite::Transaction<'_>, user: &UserId, draft: Draft, retention: Retention) -> rusqlite::Result<Appended> {
+fn append_one(
+    tx: &rusqlite::Transaction<'_>,
+    user: &UserId,
+    draft: Draft,
+    retention: Retention,
+) -> rusqlite::Result<Appended> {
     let cutoff = now_ms() - retention.max_age.as_millis() as i64;
     if let Some(key) = &draft.idempotency_key {
         let seen = tx
@@ -271,9 +360,17 @@ fn append_one(tx: &rusqlite::Transaction<'_>, user: &UserId, draft: Draft, reten
              ON CONFLICT (user) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
         )?
         .query_row([user.as_str()], |r| r.get(0))?;
-    let frame = protocol::notification_frame(&draft.id, seq as Seq, draft.event.as_deref(), &draft.data, &draft.ts);
-    tx.prepare_cached("INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![user.as_str(), seq, draft.ts_ms, &*frame])?;
+    let frame = protocol::notification_frame(
+        &draft.id,
+        seq as Seq,
+        draft.event.as_deref(),
+        &draft.data,
+        &draft.ts,
+    );
+    tx.prepare_cached(
+        "INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![user.as_str(), seq, draft.ts_ms, &*frame])?;
     let keep_after = seq - retention.per_user as i64;
     if keep_after > 0 {
         tx.prepare_cached("DELETE FROM notifications WHERE user = ?1 AND seq <= ?2")?
@@ -285,12 +382,18 @@ fn append_one(tx: &rusqlite::Transaction<'_>, user: &UserId, draft: Draft, reten
         )?
         .execute(params![user.as_str(), key, draft.id, seq, draft.ts_ms])?;
     }
-    Ok(Appended::New(Notification { user: user.clone(), id: draft.id, seq: seq as Seq, frame }))
+    Ok(Appended::New(Notification {
+        user: user.clone(),
+        id: draft.id,
+        seq: seq as Seq,
+        frame,
+    }))
 }
 
 /// Sets the pragmas and checks (or creates) the schema. Errors name what is wrong.
 fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
-    conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(|e| format!("not a readable SQLite database ({e})"))?;
@@ -298,18 +401,25 @@ fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
         return Err(format!("could not switch to WAL mode (got {mode})"));
     }
     let sync = if fsync { "FULL" } else { "OFF" };
-    conn.execute_batch(&format!("PRAGMA synchronous = {sync};")).map_err(|e| e.to_string())?;
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))
+        .map_err(|e| e.to_string())?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
     let tables: i64 = conn
         .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
         .map_err(|e| format!("not a readable SQLite database ({e})"))?;
     match (version, tables) {
         (0, 0) => conn
-            .execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
+            .execute_batch(&format!(
+                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
             .map_err(|e| e.to_string()),
         (SCHEMA_VERSION, _) => Ok(()),
         (0, _) => Err("the file holds tables that are not Herald's; refusing to touch it".into()),
-        (other, _) => Err(format!("schema version {other}, this Herald reads version {SCHEMA_VERSION}")),
+        (other, _) => Err(format!(
+            "schema version {other}, this Herald reads version {SCHEMA_VERSION}"
+        )),
     }
 }
 
@@ -325,7 +435,10 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Read connections, reused; reads run on tokio's blocking pool.
@@ -337,7 +450,11 @@ struct ReaderPool {
 
 impl ReaderPool {
     fn new(file: PathBuf) -> Self {
-        Self { file, idle: Mutex::new(Vec::new()), permits: Semaphore::new(MAX_READERS) }
+        Self {
+            file,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(MAX_READERS),
+        }
     }
 
     fn open(&self) -> rusqlite::Result<Connection> {
@@ -358,12 +475,18 @@ impl ReaderPool {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let _permit = self.permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let pool = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let conn = match pool.idle.lock().ok().and_then(|mut idle| idle.pop()) {
                 Some(conn) => conn,
-                None => pool.open().map_err(|e| StoreError::Backend(e.to_string()))?,
+                None => pool
+                    .open()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?,
             };
             let result = f(&conn).map_err(|e| StoreError::Backend(e.to_string()));
             pool.put(conn);
@@ -400,13 +523,28 @@ mod tests {
         {
             let store = open(dir.path(), conformance::LONG);
             for i in 0..3 {
-                store.append(&user, conformance::draft(i, None)).await.unwrap();
+                store
+                    .append(&user, conformance::draft(i, None))
+                    .await
+                    .unwrap();
             }
             store.close().await.unwrap();
         }
         let store = open(dir.path(), conformance::LONG);
-        assert_eq!(store.head(&user).await.unwrap(), Head { first_seq: 1, last_seq: 3 });
-        let Appended::New(n) = store.append(&user, conformance::draft(9, None)).await.unwrap() else { panic!() };
+        assert_eq!(
+            store.head(&user).await.unwrap(),
+            Head {
+                first_seq: 1,
+                last_seq: 3
+            }
+        );
+        let Appended::New(n) = store
+            .append(&user, conformance::draft(9, None))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(n.seq, 4, "seqs continue after a restart");
     }
 
@@ -415,18 +553,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join(DB_FILE);
         std::fs::write(&file, b"this is not sqlite, and must survive").unwrap();
-        let err = SqliteStore::open(dir.path(), conformance::LONG, true).err().expect("refused");
+        let err = SqliteStore::open(dir.path(), conformance::LONG, true)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains(DB_FILE), "{err}");
-        assert_eq!(std::fs::read(&file).unwrap(), b"this is not sqlite, and must survive");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"this is not sqlite, and must survive"
+        );
     }
 
     #[test]
     fn refuses_a_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 99;").unwrap();
+        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 99;")
+            .unwrap();
         drop(conn);
-        let err = SqliteStore::open(dir.path(), conformance::LONG, true).err().expect("refused");
+        let err = SqliteStore::open(dir.path(), conformance::LONG, true)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("schema version 99"), "{err}");
     }
 
@@ -436,7 +582,9 @@ mod tests {
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
         conn.execute_batch("CREATE TABLE mine (x);").unwrap();
         drop(conn);
-        let err = SqliteStore::open(dir.path(), conformance::LONG, true).err().expect("refused");
+        let err = SqliteStore::open(dir.path(), conformance::LONG, true)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("not Herald's"), "{err}");
     }
 }
