@@ -334,13 +334,13 @@ export class Herald {
   #listenToBrowser() {
     const target = globalThis;
     if (typeof target.addEventListener !== 'function') return;
-    const online = () => this.#wake('online');
+    const online = () => this.#wake();
     target.addEventListener('online', online);
     this.#unlisten.push(() => target.removeEventListener('online', online));
     const doc = globalThis.document;
     if (doc && typeof doc.addEventListener === 'function') {
       const visible = () => {
-        if (doc.visibilityState === 'visible') this.#wake('visible');
+        if (doc.visibilityState === 'visible') this.#wake();
       };
       doc.addEventListener('visibilitychange', visible);
       this.#unlisten.push(() => doc.removeEventListener('visibilitychange', visible));
@@ -349,7 +349,7 @@ export class Herald {
 
   // The network came back or the tab was shown: a dead socket reconnects now,
   // a live-looking one is probed (after a sleep it may be half-open).
-  #wake(why) {
+  #wake() {
     if (this.#closed) return;
     if (this.#retryTimer !== null) {
       this.#connect();

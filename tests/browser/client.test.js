@@ -243,6 +243,43 @@ test('a refused upgrade (bad token the client cannot judge) makes the client fet
   }
 });
 
+test('coming back online or becoming visible reconnects at once instead of waiting out the backoff', { timeout: TEST_TIMEOUT }, async () => {
+  const herald = await startHerald();
+  const proxy = await startProxy(herald.port);
+  try {
+    const page = await openTestPage(browser.context, herald.base);
+    // A backoff far longer than the test's patience; full jitter pinned near its top.
+    await page.evaluate(() => {
+      Math.random = () => 0.99;
+    });
+    await subscribe(page, {
+      user: 'hana',
+      url: `http://127.0.0.1:${proxy.port}`,
+      token: await mintToken(herald.base, 'hana'),
+      backoff: { initialMs: 600_000, maxMs: 600_000 },
+    });
+    let published = 0;
+    for (const [why, wake] of [
+      ['online', () => browser.context.setOffline(true).then(() => browser.context.setOffline(false))],
+      ['visible', () => page.evaluate(() => document.dispatchEvent(new Event('visibilitychange')))],
+    ]) {
+      proxy.cut();
+      await waitFor(page, () => window.herald.state === 'reconnecting');
+      await publish(herald.base, 'hana', { data: { n: ++published } });
+      await sleep(300);
+      assert.equal(await page.evaluate(() => window.herald.state), 'reconnecting', `still waiting before ${why}`);
+      await wake();
+      await waitFor(page, () => window.herald.state === 'open');
+      await waitForNotifications(page, published);
+    }
+    await assertExactlyOnce(page, [1, 2]);
+    await page.close();
+  } finally {
+    await proxy.close();
+    await herald.stop();
+  }
+});
+
 test('close() stops the client for good', { timeout: TEST_TIMEOUT }, async () => {
   const herald = await startHerald();
   try {
