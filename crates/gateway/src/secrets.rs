@@ -71,7 +71,7 @@ impl Secrets {
     }
 }
 
-fn load_or_create(path: &Path, what: &str) -> Result<String, SecretsError> {
+fn load_or_create(path: &Path, what: &str, hint: &str) -> Result<String, SecretsError> {
     let err = |reason: String| SecretsError {
         path: path.display().to_string(),
         reason,
@@ -93,7 +93,7 @@ fn load_or_create(path: &Path, what: &str) -> Result<String, SecretsError> {
     rand::rng().fill_bytes(&mut bytes);
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     write_private(path, &secret).map_err(|e| err(e.to_string()))?;
-    tracing::warn!(path = %path.display(), "generated {what}; it is stored in this owner-only file (see README: Quickstart)");
+    tracing::warn!(path = %path.display(), "generated {what} into an owner-only file; {hint}");
     Ok(secret)
 }
 
