@@ -49,17 +49,21 @@ impl Secrets {
             return Ok(Self::Insecure);
         }
         let api_keys = if auth.api_keys.is_empty() {
-            vec![load_or_create(
-                &settings.store.path.join(API_KEY_FILE),
-                "a publisher API key",
-            )?]
+            let path = settings.store.path.join(API_KEY_FILE);
+            let hint = format!(
+                "publishers send it as `Authorization: Bearer $(cat {})`",
+                path.display()
+            );
+            vec![load_or_create(&path, "a publisher API key", &hint)?]
         } else {
             auth.api_keys.clone()
         };
         let jwt_secret = if auth.jwt_secret.is_empty() {
+            let hint = "mint subscriber tokens with `herald token --user <id>` or POST /v1/tokens";
             load_or_create(
                 &settings.store.path.join(JWT_SECRET_FILE),
                 "the subscriber token secret",
+                hint,
             )?
         } else {
             auth.jwt_secret.clone()
