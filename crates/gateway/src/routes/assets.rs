@@ -34,5 +34,7 @@ fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
         // Revalidate every time: a new Herald must not run next to an old cached client.
         .insert_header(CacheControl(vec![CacheDirective::NoCache]))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        // Module scripts load in CORS mode: let any app's page import the client.
+        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
         .body(body)
 }
