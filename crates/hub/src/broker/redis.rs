@@ -235,3 +235,42 @@ impl Broker for RedisBroker {
 /// Backoff between reconnect attempts: doubling from `MIN_BACKOFF` up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use actix::Actor;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::test_redis::TestRedis;
+
+    #[actix::test]
+    async fn a_join_resolves_once_subscribed_and_counts_in_presence() {
+        let redis = TestRedis::start();
+        let config = redis.config("b");
+        let registry = Registry::new(Arc::new(Metrics::default())).start();
+        let broker = RedisBroker::start(&config, "n1".into(), registry).unwrap();
+        let alice = UserId::parse("alice").unwrap();
+        broker.join(&alice).await.expect("joined");
+        broker.join(&alice).await.expect("joined again");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while broker.presence(&alice).await.unwrap() != 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "presence never reached 2"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        broker.leave(&alice);
+        broker.leave(&alice);
+        while broker.presence(&alice).await.unwrap() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "presence never dropped to 0"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -171,10 +171,12 @@ impl Actor for Session {
         // notifications to this node and the registry holds the session, so nothing
         // published in between can fall through the gap.
         let subscribed = self.hub.broker().join(&self.user);
-        let registry = self.hub.registry().clone();
+        // `send` queues the Join now; cloning the registry's `Addr` is not an option
+        // (its unbounded mailbox makes actix's sender count overflow).
+        let registered = self.hub.registry().send(join);
         let joined = async move {
             subscribed.await?;
-            registry.send(join).await.map_err(|_| JoinError::Stopping)
+            registered.await.map_err(|_| JoinError::Stopping)
         };
         ctx.wait(joined.into_actor(self).map(|joined, act, ctx| match joined {
             Ok(()) => act.start_writer(ctx),

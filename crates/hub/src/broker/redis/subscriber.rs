@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use bytestring::ByteString;
@@ -36,9 +36,9 @@ pub(super) async fn run(
 ) {
     let mut backoff = MIN_BACKOFF;
     loop {
+        let attempt = Instant::now();
         let ended = match connect(&shared, &client).await {
             Ok((sink, stream, subscribed)) => {
-                backoff = MIN_BACKOFF;
                 Connection {
                     shared: &shared,
                     registry: &registry,
@@ -55,6 +55,10 @@ pub(super) async fn run(
             Ended::Lost(reason) => {
                 tracing::warn!(node = %shared.node, error = %reason, retry_in = ?backoff, "redis pubsub connection lost");
             }
+        }
+        // A connection that held for a while earns a quick retry; a flapping one backs off.
+        if attempt.elapsed() >= MAX_BACKOFF * 2 {
+            backoff = MIN_BACKOFF;
         }
         if refuse_until(&mut requests, backoff).await.is_err() {
             return;
@@ -142,7 +146,8 @@ impl Connection<'_> {
                 }
                 _ = ping.tick() => {
                     // A silent connection could be half-open; a ping proves it alive.
-                    let pong: Result<String, _> = bounded(self.shared.config.timeout, self.sink.ping()).await;
+                    // Subscribed, Redis answers a ping with ["pong", ""]: any answer will do.
+                    let pong: Result<redis::Value, _> = bounded(self.shared.config.timeout, self.sink.ping()).await;
                     if let Err(e) = pong {
                         return Ended::Lost(format!("ping: {e}"));
                     }
