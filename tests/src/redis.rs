@@ -116,6 +116,23 @@ impl RedisServer {
     }
 }
 
+impl RedisServer {
+    /// Runs one command (RESP over a plain socket) and answers the raw reply.
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        s.write_all(request.as_bytes()).expect("send command");
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).expect("read reply");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
 /// Redis calls in tests give up after this long.
 pub const TIMEOUT_MS: u64 = 1000;
 /// A dead test node's sessions stop counting after this long.

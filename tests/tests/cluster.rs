@@ -307,3 +307,35 @@ async fn a_killed_node_s_clients_resume_elsewhere_and_presence_converges() {
     let (_, body) = survivor.publish("erin", json!({"n": 12})).await;
     assert_eq!(body["delivered"], 3, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pubsub_connection_catches_live_sessions_up_without_a_later_publish() {
+    let redis = RedisServer::start();
+    let node = Herald::start_with(|s| redis.engine(s)).await;
+    let mut session = subscribe(node.addr, "frank", None).await;
+    let publisher = node.publisher();
+    publisher.publish_ok("frank", json!({"n": 1})).await;
+    assert_eq!(seqs(&session.notifications(1, SOON).await), vec![1]);
+
+    // Publish while the node's subscription is gone (it reconnects after a backoff),
+    // and make sure it really was gone: nobody subscribed after the publish.
+    let mut last = 1;
+    let mut missed = false;
+    for _ in 0..10 {
+        let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert!(killed.starts_with(':'), "CLIENT KILL answered {killed:?}");
+        last = publisher.publish_ok("frank", json!({"n": last + 1})).await;
+        let subscribers = redis.command(&["PUBSUB", "NUMSUB", "herald:live:frank"]);
+        if subscribers.ends_with(":0\r\n") {
+            missed = true;
+            break;
+        }
+        // Reconnected too fast to miss anything: wait for it to settle and try again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(missed, "never published while the node was unsubscribed");
+    // No later publish: the node's resubscription alone brings the session up to date.
+    let got = session.notifications(last as usize - 1, SOON * 2).await;
+    assert_eq!(seqs(&got), (2..=last).collect::<Vec<_>>());
+    session.expect_silence(Duration::from_millis(300)).await;
+}
