@@ -253,7 +253,24 @@ mod tests {
         let registry = Registry::new(Arc::new(Metrics::default())).start();
         let broker = RedisBroker::start(&config, "n1".into(), registry).unwrap();
         let alice = UserId::parse("alice").unwrap();
+        let client = redis::Client::open(config.url.as_str()).unwrap();
+        let mut probe = client.get_multiplexed_async_connection().await.unwrap();
+        let channel = Keys::new(&config.prefix).user_channel(&alice);
+        let mut subscribers = async || -> i64 {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut probe)
+                .await
+                .unwrap();
+            n
+        };
         broker.join(&alice).await.expect("joined");
+        assert_eq!(
+            subscribers().await,
+            1,
+            "subscribed before the join resolves"
+        );
         broker.join(&alice).await.expect("joined again");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while broker.presence(&alice).await.unwrap() != 2 {
@@ -270,6 +287,10 @@ mod tests {
                 std::time::Instant::now() < deadline,
                 "presence never dropped to 0"
             );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while subscribers().await != 0 {
+            assert!(std::time::Instant::now() < deadline, "never unsubscribed");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
