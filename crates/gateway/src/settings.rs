@@ -471,6 +471,39 @@ mod tests {
     }
 
     #[test]
+    fn redis_engine_limits_are_checked() {
+        for (key, env_key, value) in [
+            (
+                "engine.presence_ttl_ms",
+                "HERALD_ENGINE__PRESENCE_TTL_MS",
+                "60001",
+            ),
+            (
+                "engine.redis_timeout_ms",
+                "HERALD_ENGINE__REDIS_TIMEOUT_MS",
+                "0",
+            ),
+            ("engine.redis_prefix", "HERALD_ENGINE__REDIS_PREFIX", "a{b}"),
+        ] {
+            let e = load(None, &[(env_key, value)]).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let s = load(
+            None,
+            &[
+                ("HERALD_ENGINE__KIND", "redis"),
+                ("HERALD_ENGINE__PRESENCE_TTL_MS", "6000"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.engine.kind, EngineKind::Redis);
+        assert_eq!(
+            s.redis_config().presence_heartbeat(),
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
     fn unreadable_files_are_named() {
         let e = Settings::load_from(Some(Path::new("/nonexistent/herald.toml")), env(&[]))
             .unwrap_err()
