@@ -108,8 +108,9 @@ fn start_hub(settings: &Settings) -> Result<Hub, RunError> {
             let store = RedisStore::open(&redis, settings.retention())?;
             let node = generate_node_id();
             tracing::info!(%node, url = %redis.url, "engine: redis");
+            let conn = store.connection();
             let hub = Hub::start_with(settings.hub_config(), Arc::new(store), |registry| {
-                let broker = RedisBroker::start(&redis, node, registry)?;
+                let broker = RedisBroker::start(&redis, conn, node, registry)?;
                 Ok::<Arc<dyn Broker>, BrokerError>(Arc::new(broker))
             })?;
             Ok(hub)

@@ -35,7 +35,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{Broker, BrokerError};
-use crate::cluster::{Keys, RedisConfig, bounded, command_connection};
+use crate::cluster::{Keys, RedisConfig, bounded};
 use crate::ids::UserId;
 use crate::registry::Registry;
 use crate::store::Notification;
@@ -119,9 +119,11 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Starts the subscriber and presence tasks for node `node`. Must run inside an actix system.
+    /// Starts the subscriber and presence tasks for node `node`, sending commands
+    /// over `conn` (the store's). Must run inside an actix system.
     pub fn start(
         config: &RedisConfig,
+        conn: ConnectionManager,
         node: String,
         registry: Addr<Registry>,
     ) -> Result<Self, BrokerError> {
@@ -131,7 +133,7 @@ impl RedisBroker {
             node,
             keys: Keys::new(&config.prefix),
             config: config.clone(),
-            conn: command_connection(config).map_err(unavailable)?,
+            conn,
             local: Mutex::default(),
             presence_changed: Notify::new(),
             count_live: Script::new(COUNT_LIVE),
@@ -251,7 +253,8 @@ mod tests {
         let redis = TestRedis::start();
         let config = redis.config("b");
         let registry = Registry::new(Arc::new(Metrics::default())).start();
-        let broker = RedisBroker::start(&config, "n1".into(), registry).unwrap();
+        let conn = crate::cluster::command_connection(&config).unwrap();
+        let broker = RedisBroker::start(&config, conn, "n1".into(), registry).unwrap();
         let alice = UserId::parse("alice").unwrap();
         let client = redis::Client::open(config.url.as_str()).unwrap();
         let mut probe = client.get_multiplexed_async_connection().await.unwrap();

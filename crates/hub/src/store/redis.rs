@@ -101,6 +101,12 @@ impl RedisStore {
         })
     }
 
+    /// The node's command connection, for the broker to share (one multiplexed
+    /// connection per node, one reconnect when Redis comes back).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     fn cutoff_ms(&self) -> i64 {
         now_ms() - self.max_age_ms()
     }
