@@ -80,9 +80,32 @@ impl RedisServer {
     /// Kills Redis hard (SIGKILL: no goodbye, no final flush) and waits until it is gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A frozen process still dies of SIGKILL; thaw it anyway so it exits at once.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes Redis (SIGSTOP): connections stay open but nothing answers, like a hung host.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaws a frozen Redis (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis is running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} redis-server");
     }
 
     /// Starts Redis again on the same port and data folder.

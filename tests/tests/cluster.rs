@@ -339,3 +339,45 @@ async fn a_dropped_pubsub_connection_catches_live_sessions_up_without_a_later_pu
     assert_eq!(seqs(&got), (2..=last).collect::<Vec<_>>());
     session.expect_silence(Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_answers_503_instead_of_hanging_and_the_node_recovers() {
+    let redis = RedisServer::start();
+    let node = Herald::start_with(|s| redis.engine(s)).await;
+    let mut session = subscribe(node.addr, "gus", None).await;
+    let publisher = node.publisher();
+    publisher.publish_ok("gus", json!({"n": 1})).await;
+
+    redis.freeze();
+    for n in 2..=3 {
+        let started = Instant::now();
+        let (status, body) = publisher.publish("gus", json!({"n": n})).await;
+        // redis_timeout_ms is 1 s in tests; generous for a busy machine.
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a publish hung for {:?}",
+            started.elapsed()
+        );
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    }
+    let (status, body) = publisher.get("/v1/users/gus/presence").await;
+    assert_eq!(status, 503, "{body}");
+    redis.thaw();
+
+    // Recovers by itself; the open session never closed and gets everything stored.
+    let back = Instant::now();
+    let last = loop {
+        let (status, body) = publisher.publish("gus", json!({"n": 4})).await;
+        if status == 202 {
+            break body["seq"].as_u64().unwrap();
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "never recovered: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let got = session.notifications(last as usize, SOON * 2).await;
+    assert_eq!(seqs(&got), (1..=last).collect::<Vec<_>>());
+}
