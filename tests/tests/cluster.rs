@@ -168,6 +168,19 @@ async fn resuming_on_another_node_has_no_gap_and_no_duplicate() {
     let got = resumed.notifications(35, SOON * 2).await;
     assert_eq!(seqs(&got), (6..=40).collect::<Vec<_>>());
     resumed.expect_silence(Duration::from_millis(500)).await;
+
+    // A graceful stop closes the node's sessions with 1001, and its presence goes with them.
+    let mut nodes = nodes.into_iter();
+    let (a, b, c) = (
+        nodes.next().unwrap(),
+        nodes.next().unwrap(),
+        nodes.next().unwrap(),
+    );
+    c.shutdown().await.expect("clean shutdown");
+    assert_eq!(resumed.closed(SOON).await, Some(1001));
+    eventually(CONVERGE, 0, || presence(a.publisher(), "carol")).await;
+    a.shutdown().await.expect("clean shutdown");
+    b.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
