@@ -4,9 +4,9 @@ mod client;
 mod process;
 mod server;
 
-pub use client::{Event, Publisher, Subscriber};
-pub use process::HeraldProcess;
-pub use server::{API_KEY, Herald, JWT_SECRET, test_settings, token};
+pub use client::{Event, Publisher, Subscriber, seqs};
+pub use process::{Exited, HeraldProcess};
+pub use server::{API_KEY, Herald, JWT_SECRET, subscribe_at, test_settings, token, ws_url};
 
 /// How long a test waits for something that should happen at once.
 pub const SOON: std::time::Duration = std::time::Duration::from_secs(5);

@@ -27,6 +27,27 @@ pub fn test_settings(store: &Path) -> Settings {
     s
 }
 
+/// The WebSocket URL of `user` on the Herald at `addr`.
+pub fn ws_url(addr: SocketAddr, user: &str, token: Option<&str>, since: Option<u64>) -> String {
+    let mut url = format!("ws://{addr}/ws/{user}");
+    let mut sep = '?';
+    if let Some(token) = token {
+        url.push_str(&format!("{sep}token={token}"));
+        sep = '&';
+    }
+    if let Some(since) = since {
+        url.push_str(&format!("{sep}since={since}"));
+    }
+    url
+}
+
+/// A subscriber of `user` with a valid token on the Herald at `addr`, resuming after `since` if given.
+pub async fn subscribe_at(addr: SocketAddr, user: &str, since: Option<u64>) -> Subscriber {
+    Subscriber::connect(&ws_url(addr, user, Some(&token(user)), since))
+        .await
+        .expect("subscribe")
+}
+
 /// A subscriber token for `user`, valid for an hour.
 pub fn token(user: &str) -> String {
     let user = herald_gateway::settings::user_id(user).expect("valid test user");
@@ -107,29 +128,16 @@ impl Herald {
 
     /// A subscriber of `user` with a valid token, live only.
     pub async fn subscribe(&self, user: &str) -> Subscriber {
-        Subscriber::connect(&self.ws_url(user, Some(&token(user)), None))
-            .await
-            .expect("subscribe")
+        subscribe_at(self.addr, user, None).await
     }
 
     /// A subscriber of `user` resuming after `since`.
     pub async fn subscribe_since(&self, user: &str, since: u64) -> Subscriber {
-        Subscriber::connect(&self.ws_url(user, Some(&token(user)), Some(since)))
-            .await
-            .expect("subscribe")
+        subscribe_at(self.addr, user, Some(since)).await
     }
 
     pub fn ws_url(&self, user: &str, token: Option<&str>, since: Option<u64>) -> String {
-        let mut url = format!("ws://{}/ws/{user}", self.addr);
-        let mut sep = '?';
-        if let Some(token) = token {
-            url.push_str(&format!("{sep}token={token}"));
-            sep = '&';
-        }
-        if let Some(since) = since {
-            url.push_str(&format!("{sep}since={since}"));
-        }
-        url
+        ws_url(self.addr, user, token, since)
     }
 
     /// Graceful shutdown, as on SIGTERM; answers what `run` returned.

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytestring::ByteString;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{Semaphore, oneshot};
 
@@ -93,6 +94,12 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )
         .map_err(|e| open_err(e.to_string()))?;
+        // Closing the last connection would otherwise checkpoint the WAL into the main
+        // file and delete it: a refused start would write to the very store it refused.
+        // `close` checkpoints explicitly instead.
+        writer
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(|e| open_err(e.to_string()))?;
         prepare_writer(&writer, fsync).map_err(open_err)?;
 
         let readers = Arc::new(ReaderPool::new(file.clone()));
