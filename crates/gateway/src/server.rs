@@ -37,6 +37,13 @@ pub async fn run(
     if settings.engine.kind == EngineKind::Redis {
         return Err(RunError::EngineUnavailable);
     }
+    // The store first: a start it refuses must leave the store folder as it found it,
+    // without freshly generated secret files beside the refused store.
+    let store = SqliteStore::open(
+        &settings.store.path,
+        settings.retention(),
+        settings.store.fsync,
+    )?;
     let secrets = Secrets::resolve(&settings)?;
     let auth = Auth::new(secrets);
     if auth.is_insecure() {
@@ -44,11 +51,6 @@ pub async fn run(
             "auth.insecure = true: anyone can publish and subscribe as anyone. Development only."
         );
     }
-    let store = SqliteStore::open(
-        &settings.store.path,
-        settings.retention(),
-        settings.store.fsync,
-    )?;
     let hub = Hub::start(settings.hub_config(), Arc::new(store));
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {

@@ -434,6 +434,12 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
+    if dir.exists() {
+        // Creating it would fail with a bare "File exists", which does not say what is wrong.
+        return Err(std::io::Error::other(
+            "exists and is not a folder (store.path names a folder)",
+        ));
+    }
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
