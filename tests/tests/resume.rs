@@ -213,3 +213,73 @@ async fn clients_resuming_at_random_moments_hold_every_seq_once_in_order() {
     }
     herald.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_replay_for_a_busy_user_is_not_evicted_as_a_slow_consumer() {
+    const BUSY: &str = "busy";
+    const BACKLOG: u64 = 3000;
+    // A small queue: before the replay drained it, live notifications arriving during a
+    // replay filled it and the session was closed 4001, often before its `hello`.
+    let herald = Herald::start_with(|s| {
+        s.store.retention_per_user = 10 * BACKLOG;
+        s.limits.session_queue = 32;
+    })
+    .await;
+    let backlog: Vec<_> = (0..8)
+        .map(|_| {
+            let publisher = herald.publisher();
+            tokio::spawn(async move {
+                // Big enough that sending the replay takes a while.
+                let padding = "x".repeat(4096);
+                for _ in 0..BACKLOG / 8 {
+                    publisher
+                        .publish_ok(BUSY, json!({"padding": padding}))
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for task in backlog {
+        task.await.unwrap();
+    }
+
+    let (stop_tx, stop) = watch::channel(false);
+    let stream: Vec<_> = (0..6)
+        .map(|_| {
+            let (publisher, stop) = (herald.publisher(), stop.clone());
+            tokio::spawn(async move {
+                while !*stop.borrow() {
+                    publisher.publish_ok(BUSY, json!({"live": true})).await;
+                }
+            })
+        })
+        .collect();
+    // Let the live stream get going before resuming.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Several devices resume from the start, one after another, while the stream goes on.
+    for device in 0..4 {
+        let mut sub = herald.subscribe_since(BUSY, 0).await;
+        let head = sub.hello["seq"].as_u64().expect("seq");
+        assert!(head >= BACKLOG, "{}", sub.hello);
+        let mut last = 0;
+        while last < head {
+            match sub.next(Duration::from_secs(30)).await {
+                Some(Event::Frame(frame)) => {
+                    assert_eq!(
+                        frame["seq"].as_u64(),
+                        Some(last + 1),
+                        "after {last}: {frame}"
+                    );
+                    last += 1;
+                }
+                other => panic!("device {device}: after {last} of {head} replayed: {other:?}"),
+            }
+        }
+    }
+    stop_tx.send(true).unwrap();
+    for task in stream {
+        task.await.unwrap();
+    }
+    herald.shutdown().await.unwrap();
+}
