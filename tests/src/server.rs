@@ -9,6 +9,9 @@ use tokio::sync::oneshot;
 
 use crate::client::{Publisher, Subscriber};
 
+/// How long a starting Herald may take to answer `/healthz`.
+const STARTUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub const API_KEY: &str = "test-publisher-key-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789";
 
@@ -95,7 +98,7 @@ impl Herald {
                 }))
                 .map_err(|e| e.to_string())
         });
-        let herald = Self {
+        let mut herald = Self {
             addr,
             settings,
             stop: Some(stop),
@@ -106,15 +109,25 @@ impl Herald {
         herald
     }
 
-    async fn wait_healthy(&self) {
+    /// Waits until `/healthz` answers. Generous: opening the store fsyncs, and on a machine
+    /// busy with other builds one fsync can take seconds.
+    async fn wait_healthy(&mut self) {
         let publisher = self.publisher();
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
+        while tokio::time::Instant::now() < deadline {
             if let Ok((200, _)) = publisher.try_get("/healthz").await {
                 return;
             }
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                let ended = self.stop_now().await;
+                panic!("Herald at {} stopped while starting: {ended:?}", self.addr);
+            }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        panic!("Herald at {} did not become healthy", self.addr);
+        panic!(
+            "Herald at {} did not become healthy within {STARTUP_LIMIT:?}",
+            self.addr
+        );
     }
 
     pub fn base_url(&self) -> String {

@@ -82,7 +82,7 @@ async fn the_same_key_after_a_graceful_restart_answers_the_first_receipt() {
     assert_eq!(first["delivered"], 1);
     tab.notifications(1, SOON).await;
     herald.signal("TERM");
-    assert_eq!(tab.closed(SOON).await, Some(1001));
+    assert_eq!(tab.closed(Duration::from_secs(30)).await, Some(1001));
     assert_eq!(herald.wait(Duration::from_secs(20)), Some(0));
 
     let herald = HeraldProcess::start(dir.path(), &[]);

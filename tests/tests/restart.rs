@@ -24,7 +24,7 @@ const ACKED_BEFORE_SIGNAL: usize = 300;
 /// A bound on each stream publisher, in case the signal never stops it.
 const MAX_PER_PUBLISHER: usize = 5000;
 
-/// How long a graceful stop may take, generously.
+/// How long a graceful stop (or a long replay) may take, generously.
 const STOP_LIMIT: Duration = Duration::from_secs(30);
 
 fn ids_by_seq(frames: &[Value]) -> BTreeMap<u64, String> {
@@ -159,7 +159,7 @@ async fn check_nothing_acknowledged_was_lost(store: &Path, acked: &BTreeMap<u64,
 
     let mut sub = herald.subscribe("victim", Some(0)).await;
     assert_eq!(sub.hello["seq"], last);
-    let replay = sub.notifications(last as usize, SOON).await;
+    let replay = sub.notifications(last as usize, STOP_LIMIT).await;
     assert_eq!(
         ids_by_seq(&replay),
         stored_ids,
@@ -196,7 +196,7 @@ async fn sigterm_with_publishes_in_flight_loses_no_acknowledged_publish() {
     stream.wait_for_acks(ACKED_BEFORE_SIGNAL).await;
     herald.signal("TERM");
     assert_eq!(
-        tab.closed(SOON).await,
+        tab.closed(STOP_LIMIT).await,
         Some(1001),
         "sessions close with 1001"
     );
