@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use herald_tests::{Event, Herald, Subscriber, subscribe_at};
+use herald_tests::{Event, Herald, SOON, Subscriber, subscribe_at};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -280,6 +280,36 @@ async fn a_long_replay_for_a_busy_user_is_not_evicted_as_a_slow_consumer() {
     stop_tx.send(true).unwrap();
     for task in stream {
         task.await.unwrap();
+    }
+    herald.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_from_another_history_replays_everything_kept_and_says_so() {
+    // A client that saw seq 10 of a store since replaced (new data dir) by one holding 3.
+    let herald = Herald::start().await;
+    for i in 1..=3 {
+        herald
+            .publisher()
+            .publish_ok("moved", json!({"i": i}))
+            .await;
+    }
+    let mut sub = herald.subscribe_since("moved", 10).await;
+    assert_eq!(sub.hello["seq"], 3);
+    assert_eq!(sub.hello["first_seq"], 1);
+    assert_eq!(sub.hello["recovered"], false);
+    let replay = sub.notifications(3, SOON).await;
+    assert_eq!(herald_tests::seqs(&replay), vec![1, 2, 3]);
+    herald.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_since_is_refused_before_the_upgrade() {
+    let herald = Herald::start().await;
+    let url = herald.ws_url("alice", Some(&herald_tests::token("alice")), None);
+    for since in ["abc", "-1", "1.5", ""] {
+        let refused = Subscriber::connect(&format!("{url}&since={since}")).await;
+        assert_eq!(refused.err(), Some(400), "since={since:?}");
     }
     herald.shutdown().await.unwrap();
 }

@@ -561,6 +561,41 @@ mod tests {
         assert_eq!(n.seq, 4, "seqs continue after a restart");
     }
 
+    #[actix_rt::test]
+    async fn the_background_prune_deletes_expired_rows_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            per_user: 1000,
+            max_age: Duration::from_millis(300),
+        };
+        let store = open(dir.path(), retention);
+        let user = UserId::parse("alice").unwrap();
+        for i in 0..5 {
+            store
+                .append(&user, conformance::draft(i, Some(&format!("k{i}"))))
+                .await
+                .unwrap();
+        }
+        let rows = |table: &str| -> i64 {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!((rows("notifications"), rows("idempotency")), (5, 5));
+        // Idle, the writer prunes at least once a second; reads only hide expired rows.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while rows("notifications") + rows("idempotency") > 0 {
+            assert!(std::time::Instant::now() < deadline, "never pruned");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            store.head(&user).await.unwrap().last_seq,
+            5,
+            "the seq survives"
+        );
+        store.close().await.unwrap();
+    }
+
     #[test]
     fn refuses_a_file_that_is_not_a_database_and_leaves_it_alone() {
         let dir = tempfile::tempdir().unwrap();
