@@ -170,25 +170,43 @@ impl Writer {
             .await??)
     }
 
-    /// Runs `work` (which must not borrow the writer) while emptying the queue: sends what
-    /// is not a notification, drops notifications and remembers the newest seq dropped.
+    /// Runs `work` (which must not borrow the writer) while emptying the queue.
     async fn draining<T>(
         &mut self,
         work: impl Future<Output = T>,
         newest_live: &mut Seq,
     ) -> Result<T, WriterError> {
         tokio::pin!(work);
-        loop {
+        let out = loop {
             tokio::select! {
                 biased;
-                out = &mut work => return Ok(out),
+                out = &mut work => break out,
                 item = self.queue.recv() => match item {
-                    Some(Outbound::Notification { seq, .. }) => *newest_live = (*newest_live).max(seq),
-                    Some(other) => self.send_other(other).await?,
+                    Some(item) => self.take_during_replay(item, newest_live).await?,
                     None => return Err(WriterError::PeerGone),
                 },
             }
+        };
+        // Work that is ready at once never lets the select look at the queue, and a page
+        // of sends that all are can outrun a small queue.
+        while let Ok(item) = self.queue.try_recv() {
+            self.take_during_replay(item, newest_live).await?;
         }
+        Ok(out)
+    }
+
+    /// During the replay: sends what is not a notification; drops a notification (the
+    /// replay reads it from the store) and remembers the newest seq dropped.
+    async fn take_during_replay(
+        &mut self,
+        item: Outbound,
+        newest_live: &mut Seq,
+    ) -> Result<(), WriterError> {
+        match item {
+            Outbound::Notification { seq, .. } => *newest_live = (*newest_live).max(seq),
+            other => self.send_other(other).await?,
+        }
+        Ok(())
     }
 
     /// After sending `cursor`, sends every held seq that now follows on.
