@@ -50,10 +50,18 @@ impl Publisher {
 
     /// Sends a request; answers the status and the JSON body (`Value::Null` when not JSON).
     pub async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let res = req.send().await.expect("request");
+        self.try_send(req).await.expect("request")
+    }
+
+    /// Like [`Publisher::send`], but a connection that fails (a killed server) is an `Err`.
+    pub async fn try_send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let res = req.send().await?;
         let status = res.status().as_u16();
-        let body = res.bytes().await.expect("body");
-        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        let body = res.bytes().await?;
+        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -80,12 +88,61 @@ impl Publisher {
         .await
     }
 
+    /// Publishes `data` with an idempotency key; answers status and body.
+    pub async fn publish_keyed(&self, user: &str, data: Value, key: &str) -> (u16, Value) {
+        self.post(
+            &format!("/v1/users/{user}/notifications"),
+            &serde_json::json!({"event": "test", "data": data, "idempotency_key": key}),
+        )
+        .await
+    }
+
+    /// Publishes `data` to `user`; a connection failure is an `Err` instead of a panic.
+    pub async fn try_publish(
+        &self,
+        user: &str,
+        data: Value,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let req = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1/users/{user}/notifications"),
+            )
+            .json(&serde_json::json!({"event": "test", "data": data}));
+        self.try_send(req).await
+    }
+
+    /// Every notification stored for `user`, oldest first, paged through the history endpoint.
+    pub async fn history(&self, user: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut since = 0;
+        loop {
+            let path = format!("/v1/users/{user}/notifications?since={since}&limit=1000");
+            let (status, body) = self.get(&path).await;
+            assert_eq!(status, 200, "GET {path}: {body}");
+            let page = body["notifications"].as_array().expect("notifications");
+            let Some(last) = page.last() else {
+                return all;
+            };
+            since = last["seq"].as_u64().expect("seq");
+            all.extend(page.iter().cloned());
+        }
+    }
+
     /// Publishes and insists on 202; answers the seq.
     pub async fn publish_ok(&self, user: &str, data: Value) -> u64 {
         let (status, body) = self.publish(user, data).await;
         assert_eq!(status, 202, "publish to {user}: {body}");
         body["seq"].as_u64().expect("seq")
     }
+}
+
+/// The `seq` of each frame.
+pub fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| f["seq"].as_u64().expect("frame has a seq"))
+        .collect()
 }
 
 /// What a subscriber saw.

@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::server::{API_KEY, JWT_SECRET};
+use crate::client::{Publisher, Subscriber};
+use crate::server::{API_KEY, JWT_SECRET, subscribe_at};
 
 /// The `herald` binary, built once per test run.
 pub fn herald_bin() -> PathBuf {
@@ -45,31 +46,49 @@ pub struct HeraldProcess {
     pub log: std::sync::mpsc::Receiver<String>,
 }
 
+/// How a Herald that refused to start ended.
+#[derive(Debug)]
+pub struct Exited {
+    /// The exit code (None when killed by a signal).
+    pub code: Option<i32>,
+    /// Everything it wrote to stderr.
+    pub log: String,
+}
+
+/// `herald serve` with test secrets, its store in `store`, and `env` on top.
+fn command(store: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(herald_bin());
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        // Plain text, so tests can search the log.
+        .env("NO_COLOR", "1")
+        .env(
+            "HERALD_CONFIG",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/default.toml"),
+        )
+        .env("HERALD_SERVER__BIND", "127.0.0.1:0")
+        .env("HERALD_SERVER__WORKERS", "2")
+        .env("HERALD_STORE__PATH", store)
+        .env("HERALD_AUTH__API_KEYS", API_KEY)
+        .env("HERALD_AUTH__JWT_SECRET", JWT_SECRET)
+        .env("HERALD_HEARTBEAT__INTERVAL_MS", "1000")
+        .env("HERALD_HEARTBEAT__TIMEOUT_MS", "5000");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 impl HeraldProcess {
     /// Starts `herald serve` with test secrets, its store in `store`, and `env` on top.
     pub fn start(store: &Path, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(herald_bin());
-        cmd.arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env(
-                "HERALD_CONFIG",
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/default.toml"),
-            )
-            .env("HERALD_SERVER__BIND", "127.0.0.1:0")
-            .env("HERALD_SERVER__WORKERS", "2")
-            .env("HERALD_STORE__PATH", store)
-            .env("HERALD_AUTH__API_KEYS", API_KEY)
-            .env("HERALD_AUTH__JWT_SECRET", JWT_SECRET)
-            .env("HERALD_HEARTBEAT__INTERVAL_MS", "1000")
-            .env("HERALD_HEARTBEAT__TIMEOUT_MS", "5000")
+        let mut child = command(store, env)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn herald");
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn herald");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -89,6 +108,53 @@ impl HeraldProcess {
             }
         };
         Self { child, addr, log }
+    }
+
+    /// Runs `herald serve` expecting it to refuse to start; panics if it starts listening.
+    pub fn start_fails(store: &Path, env: &[(&str, &str)]) -> Exited {
+        let mut child = command(store, env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn herald");
+        let mut stderr = child.stderr.take().expect("stderr");
+        // Read stderr to its end on a thread, so a Herald that does start cannot hang the test.
+        let reader = std::thread::spawn(move || {
+            let mut log = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+            log
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("herald kept running: {}", reader.join().unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = reader.join().expect("stderr reader");
+        assert!(
+            !log.contains("listening on"),
+            "herald started although it should not have:\n{log}"
+        );
+        Exited {
+            code: status.code(),
+            log,
+        }
+    }
+
+    /// An HTTP client with the test API key.
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.base_url(), Some(API_KEY.into()))
+    }
+
+    /// A subscriber of `user` resuming after `since` (live only with None).
+    pub async fn subscribe(&self, user: &str, since: Option<u64>) -> Subscriber {
+        subscribe_at(self.addr, user, since).await
     }
 
     pub fn base_url(&self) -> String {

@@ -9,6 +9,9 @@ use tokio::sync::oneshot;
 
 use crate::client::{Publisher, Subscriber};
 
+/// How long a starting Herald may take to answer `/healthz`.
+const STARTUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub const API_KEY: &str = "test-publisher-key-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789";
 
@@ -25,6 +28,27 @@ pub fn test_settings(store: &Path) -> Settings {
     s.heartbeat.interval_ms = 1000;
     s.heartbeat.timeout_ms = 5000;
     s
+}
+
+/// The WebSocket URL of `user` on the Herald at `addr`.
+pub fn ws_url(addr: SocketAddr, user: &str, token: Option<&str>, since: Option<u64>) -> String {
+    let mut url = format!("ws://{addr}/ws/{user}");
+    let mut sep = '?';
+    if let Some(token) = token {
+        url.push_str(&format!("{sep}token={token}"));
+        sep = '&';
+    }
+    if let Some(since) = since {
+        url.push_str(&format!("{sep}since={since}"));
+    }
+    url
+}
+
+/// A subscriber of `user` with a valid token on the Herald at `addr`, resuming after `since` if given.
+pub async fn subscribe_at(addr: SocketAddr, user: &str, since: Option<u64>) -> Subscriber {
+    Subscriber::connect(&ws_url(addr, user, Some(&token(user)), since))
+        .await
+        .expect("subscribe")
 }
 
 /// A subscriber token for `user`, valid for an hour.
@@ -74,7 +98,7 @@ impl Herald {
                 }))
                 .map_err(|e| e.to_string())
         });
-        let herald = Self {
+        let mut herald = Self {
             addr,
             settings,
             stop: Some(stop),
@@ -85,15 +109,25 @@ impl Herald {
         herald
     }
 
-    async fn wait_healthy(&self) {
+    /// Waits until `/healthz` answers. Generous: opening the store fsyncs, and on a machine
+    /// busy with other builds one fsync can take seconds.
+    async fn wait_healthy(&mut self) {
         let publisher = self.publisher();
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
+        while tokio::time::Instant::now() < deadline {
             if let Ok((200, _)) = publisher.try_get("/healthz").await {
                 return;
             }
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                let ended = self.stop_now().await;
+                panic!("Herald at {} stopped while starting: {ended:?}", self.addr);
+            }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        panic!("Herald at {} did not become healthy", self.addr);
+        panic!(
+            "Herald at {} did not become healthy within {STARTUP_LIMIT:?}",
+            self.addr
+        );
     }
 
     pub fn base_url(&self) -> String {
@@ -107,29 +141,16 @@ impl Herald {
 
     /// A subscriber of `user` with a valid token, live only.
     pub async fn subscribe(&self, user: &str) -> Subscriber {
-        Subscriber::connect(&self.ws_url(user, Some(&token(user)), None))
-            .await
-            .expect("subscribe")
+        subscribe_at(self.addr, user, None).await
     }
 
     /// A subscriber of `user` resuming after `since`.
     pub async fn subscribe_since(&self, user: &str, since: u64) -> Subscriber {
-        Subscriber::connect(&self.ws_url(user, Some(&token(user)), Some(since)))
-            .await
-            .expect("subscribe")
+        subscribe_at(self.addr, user, Some(since)).await
     }
 
     pub fn ws_url(&self, user: &str, token: Option<&str>, since: Option<u64>) -> String {
-        let mut url = format!("ws://{}/ws/{user}", self.addr);
-        let mut sep = '?';
-        if let Some(token) = token {
-            url.push_str(&format!("{sep}token={token}"));
-            sep = '&';
-        }
-        if let Some(since) = since {
-            url.push_str(&format!("{sep}since={since}"));
-        }
-        url
+        ws_url(self.addr, user, token, since)
     }
 
     /// Graceful shutdown, as on SIGTERM; answers what `run` returned.

@@ -36,6 +36,9 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    // The store first: a start it refuses must leave the store folder as it found it,
+    // without freshly generated secret files beside the refused store.
+    let hub = start_hub(&settings)?;
     let secrets = Secrets::resolve(&settings)?;
     let auth = Auth::new(secrets);
     if auth.is_insecure() {
@@ -43,7 +46,6 @@ pub async fn run(
             "auth.insecure = true: anyone can publish and subscribe as anyone. Development only."
         );
     }
-    let hub = start_hub(&settings)?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
         hub: hub.clone(),

@@ -82,16 +82,42 @@ impl Writer {
                         gap_deadline = None;
                     }
                 }
-                Outbound::Frame(frame) => self.ws.text(frame).await?,
-                Outbound::Ping => self.ws.ping(b"").await?,
-                Outbound::Pong(payload) => self.ws.pong(&payload).await?,
+                other => self.send_other(other).await?,
             }
         }
     }
 
+    /// Sends an item that is not a notification, as it comes.
+    async fn send_other(&mut self, item: Outbound) -> Result<(), WriterError> {
+        match item {
+            Outbound::Frame(frame) => self.ws.text(frame).await?,
+            Outbound::Ping => self.ws.ping(b"").await?,
+            Outbound::Pong(payload) => self.ws.pong(&payload).await?,
+            // Only the callers' own loops handle notifications.
+            Outbound::Notification { .. } => {}
+        }
+        Ok(())
+    }
+
     /// Sends `hello`, then with `since` every stored notification after it; answers the cursor.
+    ///
+    /// The session is in the registry already, so live notifications queue up from the
+    /// start. Left there during a replay, they overflow the queue of a busy user's session
+    /// and get a healthy peer evicted as a slow consumer, even before its `hello`. Every
+    /// live notification is in the store before it is fanned out, so until the replay is
+    /// done the queue is drained while the work goes on (see `draining`), and the replay
+    /// reads on until it has passed the newest live seq it dropped. A live-only session
+    /// keeps its queue: its `hello` is one short read away.
     async fn hello_and_replay(&mut self) -> Result<Seq, WriterError> {
-        let head = self.store.head(&self.user).await?;
+        let mut newest_live = 0;
+        let (store, user) = (Arc::clone(&self.store), self.user.clone());
+        let head = match self.since {
+            None => store.head(&user).await?,
+            Some(_) => {
+                self.draining(async move { store.head(&user).await }, &mut newest_live)
+                    .await??
+            }
+        };
         let (mut cursor, recovered) = match self.since {
             None => (head.last_seq, None),
             // A cursor from another history (the store was replaced): replay all we have.
@@ -105,25 +131,82 @@ impl Writer {
             head.first_seq,
             recovered,
             self.heartbeat,
-        );
-        self.ws.text(hello.encode()).await?;
+        )
+        .encode();
+        if self.since.is_none() {
+            self.ws.text(hello).await?;
+            return Ok(cursor);
+        }
+        self.send_draining(hello, &mut newest_live).await?;
         if recovered == Some(false) {
             tracing::info!(user = %self.user, session = %self.session, since = ?self.since, first_seq = head.first_seq, "resume older than retention");
         }
-        if self.since.is_some() {
-            loop {
-                let page = self.store.read(&self.user, cursor, PAGE).await?;
-                let full = page.len() == PAGE;
-                for stored in page {
-                    self.ws.text(stored.frame).await?;
-                    cursor = stored.seq;
-                }
-                if !full {
-                    break;
-                }
+        loop {
+            let (store, user) = (Arc::clone(&self.store), self.user.clone());
+            let read = async move { store.read(&user, cursor, PAGE).await };
+            let page = self.draining(read, &mut newest_live).await??;
+            let (full, empty) = (page.len() == PAGE, page.is_empty());
+            for stored in page {
+                self.send_draining(stored.frame, &mut newest_live).await?;
+                cursor = stored.seq;
+            }
+            // Empty: retention took what was seen live; the live loop's gap fill handles it.
+            if empty || (!full && newest_live <= cursor) {
+                break;
             }
         }
         Ok(cursor)
+    }
+
+    /// Sends one text frame during the replay, draining the queue meanwhile.
+    async fn send_draining(
+        &mut self,
+        frame: ByteString,
+        newest_live: &mut Seq,
+    ) -> Result<(), WriterError> {
+        let mut ws = self.ws.clone();
+        Ok(self
+            .draining(async move { ws.text(frame).await }, newest_live)
+            .await??)
+    }
+
+    /// Runs `work` (which must not borrow the writer) while emptying the queue.
+    async fn draining<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+        newest_live: &mut Seq,
+    ) -> Result<T, WriterError> {
+        tokio::pin!(work);
+        let out = loop {
+            tokio::select! {
+                biased;
+                out = &mut work => break out,
+                item = self.queue.recv() => match item {
+                    Some(item) => self.take_during_replay(item, newest_live).await?,
+                    None => return Err(WriterError::PeerGone),
+                },
+            }
+        };
+        // Work that is ready at once never lets the select look at the queue, and a page
+        // of sends that all are can outrun a small queue.
+        while let Ok(item) = self.queue.try_recv() {
+            self.take_during_replay(item, newest_live).await?;
+        }
+        Ok(out)
+    }
+
+    /// During the replay: sends what is not a notification; drops a notification (the
+    /// replay reads it from the store) and remembers the newest seq dropped.
+    async fn take_during_replay(
+        &mut self,
+        item: Outbound,
+        newest_live: &mut Seq,
+    ) -> Result<(), WriterError> {
+        match item {
+            Outbound::Notification { seq, .. } => *newest_live = (*newest_live).max(seq),
+            other => self.send_other(other).await?,
+        }
+        Ok(())
     }
 
     /// After sending `cursor`, sends every held seq that now follows on.

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytestring::ByteString;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{Semaphore, oneshot};
 
@@ -93,6 +94,12 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )
         .map_err(|e| open_err(e.to_string()))?;
+        // Closing the last connection would otherwise checkpoint the WAL into the main
+        // file and delete it: a refused start would write to the very store it refused.
+        // `close` checkpoints explicitly instead.
+        writer
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(|e| open_err(e.to_string()))?;
         prepare_writer(&writer, fsync).map_err(open_err)?;
 
         let readers = Arc::new(ReaderPool::new(file.clone()));
@@ -427,6 +434,12 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
+    if dir.exists() {
+        // Creating it would fail with a bare "File exists", which does not say what is wrong.
+        return Err(std::io::Error::other(
+            "exists and is not a folder (store.path names a folder)",
+        ));
+    }
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -546,6 +559,41 @@ mod tests {
             panic!()
         };
         assert_eq!(n.seq, 4, "seqs continue after a restart");
+    }
+
+    #[actix_rt::test]
+    async fn the_background_prune_deletes_expired_rows_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            per_user: 1000,
+            max_age: Duration::from_millis(300),
+        };
+        let store = open(dir.path(), retention);
+        let user = UserId::parse("alice").unwrap();
+        for i in 0..5 {
+            store
+                .append(&user, conformance::draft(i, Some(&format!("k{i}"))))
+                .await
+                .unwrap();
+        }
+        let rows = |table: &str| -> i64 {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!((rows("notifications"), rows("idempotency")), (5, 5));
+        // Idle, the writer prunes at least once a second; reads only hide expired rows.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while rows("notifications") + rows("idempotency") > 0 {
+            assert!(std::time::Instant::now() < deadline, "never pruned");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            store.head(&user).await.unwrap().last_seq,
+            5,
+            "the seq survives"
+        );
+        store.close().await.unwrap();
     }
 
     #[test]
