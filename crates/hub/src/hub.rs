@@ -219,8 +219,9 @@ impl Hub {
         since: Seq,
         limit: usize,
     ) -> Result<History, HubError> {
-        let head = self.0.store.head(user).await?;
+        // Page first, head second: `last_seq` is then never below a seq on the page.
         let notifications = self.0.store.read(user, since, limit).await?;
+        let head = self.0.store.head(user).await?;
         Ok(History {
             last_seq: head.last_seq,
             notifications,
