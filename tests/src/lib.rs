@@ -1,12 +1,16 @@
 //! Helpers for the end-to-end tests: a real Herald (in-process or as a child process) and real clients.
 
 mod client;
+mod probe;
 mod process;
+mod raw;
 mod server;
 
 pub use client::{Event, Publisher, Subscriber};
+pub use probe::{eventually, rss_bytes};
 pub use process::HeraldProcess;
-pub use server::{API_KEY, Herald, JWT_SECRET, test_settings, token};
+pub use raw::{RawResponse, RawWebSocket, client_frame, raw_http};
+pub use server::{API_KEY, Herald, JWT_SECRET, metric_value, test_settings, token};
 
 /// How long a test waits for something that should happen at once.
 pub const SOON: std::time::Duration = std::time::Duration::from_secs(5);
