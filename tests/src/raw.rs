@@ -137,7 +137,9 @@ impl RawWebSocket {
 
     /// Writes one masked text frame, as a client must (RFC 6455 §5.3).
     pub async fn send_text(&mut self, text: &str) -> std::io::Result<()> {
-        self.stream.write_all(&client_frame(0x1, text.as_bytes())).await
+        self.stream
+            .write_all(&client_frame(0x1, text.as_bytes()))
+            .await
     }
 
     /// True once the server has closed or reset the connection (reads until EOF or error).

@@ -147,10 +147,7 @@ async fn one_publish_to_many_users_reaches_each_once() {
     // The limit is 1,000 users: one more is refused and stores nothing.
     let too_many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
     let (status, body) = publisher
-        .post(
-            "/v1/notifications",
-            &json!({"users": too_many, "data": {}}),
-        )
+        .post("/v1/notifications", &json!({"users": too_many, "data": {}}))
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"]["code"].is_string(), "{body}");
@@ -205,11 +202,17 @@ async fn broadcast_reaches_every_session() {
         assert_eq!(frame["id"], id.as_str());
         assert_eq!(frame["event"], "maintenance");
         assert_eq!(frame["data"], json!({"at": "noon"}));
-        assert!(frame.get("seq").is_none(), "broadcasts carry no seq: {frame}");
+        assert!(
+            frame.get("seq").is_none(),
+            "broadcasts carry no seq: {frame}"
+        );
         sub.expect_silence(QUIET).await;
     }
     // Live only: not in anyone's history.
-    let (_, history) = herald.publisher().get("/v1/users/alice/notifications").await;
+    let (_, history) = herald
+        .publisher()
+        .get("/v1/users/alice/notifications")
+        .await;
     assert_eq!(history["last_seq"], 0, "{history}");
     herald.shutdown().await.unwrap();
 }
@@ -225,7 +228,10 @@ async fn presence_counts_sessions_and_drops_after_close() {
     assert_eq!(herald.presence("alice").await, 2);
     assert_eq!(herald.presence("bob").await, 1);
     let (_, body) = herald.publisher().get("/v1/users/alice/presence").await;
-    assert_eq!(body, json!({"user": "alice", "online": true, "sessions": 2}));
+    assert_eq!(
+        body,
+        json!({"user": "alice", "online": true, "sessions": 2})
+    );
 
     drop(first); // the client sends a close frame
     eventually(SOON, "alice down to one session", || async {
