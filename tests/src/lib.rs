@@ -9,7 +9,7 @@ mod server;
 pub use client::{Event, Publisher, Subscriber};
 pub use probe::{eventually, rss_bytes};
 pub use process::HeraldProcess;
-pub use raw::{RawResponse, RawWebSocket, client_frame, raw_http};
+pub use raw::{RawResponse, RawWebSocket, client_fragment, client_frame, raw_http};
 pub use server::{API_KEY, Herald, JWT_SECRET, metric_value, test_settings, token};
 
 /// How long a test waits for something that should happen at once.

@@ -135,6 +135,11 @@ impl RawWebSocket {
         Ok(Self { stream })
     }
 
+    /// Writes raw bytes (frames built with [`client_frame`] / [`client_fragment`]).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     /// Writes one masked text frame, as a client must (RFC 6455 §5.3).
     pub async fn send_text(&mut self, text: &str) -> std::io::Result<()> {
         self.stream
@@ -155,12 +160,48 @@ impl RawWebSocket {
             }
         }
     }
+
+    /// Reads server frames until a Close; answers its code (None: the socket ended without one).
+    pub async fn close_code(&mut self, wait: Duration) -> Option<u16> {
+        let read = async {
+            loop {
+                let mut head = [0u8; 2];
+                self.stream.read_exact(&mut head).await.ok()?;
+                let len = match head[1] & 0x7f {
+                    126 => {
+                        let mut n = [0u8; 2];
+                        self.stream.read_exact(&mut n).await.ok()?;
+                        u16::from_be_bytes(n) as usize
+                    }
+                    127 => {
+                        let mut n = [0u8; 8];
+                        self.stream.read_exact(&mut n).await.ok()?;
+                        u64::from_be_bytes(n) as usize
+                    }
+                    n => n as usize,
+                };
+                let mut payload = vec![0u8; len];
+                self.stream.read_exact(&mut payload).await.ok()?;
+                if head[0] & 0x0f == 0x8 {
+                    return (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                }
+            }
+        };
+        tokio::time::timeout(wait, read)
+            .await
+            .expect("the server closed in time")
+    }
 }
 
 /// A masked client frame with FIN set.
 pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    client_fragment(true, opcode, payload)
+}
+
+/// A masked client frame; `fin = false` starts or continues a fragmented message.
+pub fn client_fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut frame = vec![0x80 | opcode];
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
     match payload.len() {
         n if n < 126 => frame.push(0x80 | n as u8),
         n if n <= u16::MAX as usize => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_web::{App, HttpServer, middleware, web};
+use actix_web::{App, HttpServer, web};
 use herald_hub::Hub;
 use herald_hub::store::{SqliteStore, StoreError};
 
@@ -61,9 +61,10 @@ pub async fn run(
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let addr = listener.local_addr()?;
     let mut server = HttpServer::new(move || {
+        // No `NormalizePath`: it merges `//`, which turned the empty user id of
+        // `/v1/users//notifications` into a 404 where API.md wants `400 invalid_user_id`.
         App::new()
             .app_data(state.clone())
-            .wrap(middleware::NormalizePath::trim())
             .configure(routes::configure)
     })
     .disable_signals()

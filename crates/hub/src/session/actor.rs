@@ -200,6 +200,11 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => self.close(ctx, CloseCode::Normal),
             Err(ProtocolError::Overflow) => self.evict(ctx, EvictReason::FrameTooBig),
+            // A message over the limit in fragments is just as big, but actix-ws's aggregator
+            // reports it only as an `Io` error with this text; without this arm it closed 1002.
+            Err(ProtocolError::Io(e)) if e.to_string().contains("maximum continuation size") => {
+                self.evict(ctx, EvictReason::FrameTooBig)
+            }
             Err(e) => {
                 tracing::debug!(user = %self.user, session = %self.id, error = %e, "protocol error");
                 self.evict(ctx, EvictReason::ProtocolError);
