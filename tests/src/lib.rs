@@ -7,7 +7,7 @@ mod raw;
 mod server;
 
 pub use client::{Event, Publisher, Subscriber};
-pub use probe::{eventually, rss_bytes};
+pub use probe::{TCP_ESTABLISHED, eventually, rss_bytes, server_socket_state};
 pub use process::HeraldProcess;
 pub use raw::{RawResponse, RawWebSocket, client_fragment, client_frame, raw_http};
 pub use server::{API_KEY, Herald, JWT_SECRET, metric_value, test_settings, token};
