@@ -277,17 +277,11 @@ async fn minted_tokens_subscribe_their_user_only() {
     herald.shutdown().await.unwrap();
 }
 
-/// Seconds since the epoch of an RFC 3339 UTC time, e.g. `2026-11-25T17:00:00Z`.
+/// Seconds since the epoch of an RFC 3339 time, e.g. `2026-11-25T17:00:00Z`.
 fn time_of(rfc3339: &str) -> u64 {
-    let output = std::process::Command::new("date")
-        .args(["-u", "-d", rfc3339, "+%s"])
-        .output()
-        .expect("date");
-    assert!(output.status.success(), "{rfc3339} is RFC 3339");
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .unwrap()
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{rfc3339} is not RFC 3339: {e}"))
+        .unix_timestamp() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
