@@ -4,12 +4,14 @@ mod client;
 mod probe;
 mod process;
 mod raw;
+mod redis;
 mod server;
 
 pub use client::{Event, Publisher, Subscriber};
 pub use probe::{TCP_ESTABLISHED, eventually, rss_bytes, server_socket_state};
 pub use process::HeraldProcess;
 pub use raw::{RawResponse, RawWebSocket, client_fragment, client_frame, raw_http};
+pub use redis::RedisServer;
 pub use server::{API_KEY, Herald, JWT_SECRET, metric_value, test_settings, token};
 
 /// How long a test waits for something that should happen at once.

@@ -489,8 +489,8 @@ async fn unknown_routes_wrong_methods_and_bad_queries() {
     let mut witness = Witness::new(&herald).await;
     let publisher = herald.publisher();
     for path in [
-        "/",
         "/nope",
+        "/demo/nope",
         "/v1",
         "/v1/users/alice",
         "/v1/users/alice/other",

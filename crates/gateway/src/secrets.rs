@@ -49,17 +49,21 @@ impl Secrets {
             return Ok(Self::Insecure);
         }
         let api_keys = if auth.api_keys.is_empty() {
-            vec![load_or_create(
-                &settings.store.path.join(API_KEY_FILE),
-                "a publisher API key",
-            )?]
+            let path = settings.store.path.join(API_KEY_FILE);
+            let hint = format!(
+                "publishers send it as `Authorization: Bearer $(cat {})`",
+                path.display()
+            );
+            vec![load_or_create(&path, "a publisher API key", &hint)?]
         } else {
             auth.api_keys.clone()
         };
         let jwt_secret = if auth.jwt_secret.is_empty() {
+            let hint = "mint subscriber tokens with `herald token --user <id>` or POST /v1/tokens";
             load_or_create(
                 &settings.store.path.join(JWT_SECRET_FILE),
                 "the subscriber token secret",
+                hint,
             )?
         } else {
             auth.jwt_secret.clone()
@@ -71,7 +75,7 @@ impl Secrets {
     }
 }
 
-fn load_or_create(path: &Path, what: &str) -> Result<String, SecretsError> {
+fn load_or_create(path: &Path, what: &str, hint: &str) -> Result<String, SecretsError> {
     let err = |reason: String| SecretsError {
         path: path.display().to_string(),
         reason,
@@ -93,7 +97,7 @@ fn load_or_create(path: &Path, what: &str) -> Result<String, SecretsError> {
     rand::rng().fill_bytes(&mut bytes);
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     write_private(path, &secret).map_err(|e| err(e.to_string()))?;
-    tracing::warn!(path = %path.display(), "generated {what}; it is stored in this owner-only file (see README: Quickstart)");
+    tracing::warn!(path = %path.display(), "generated {what} into an owner-only file; {hint}");
     Ok(secret)
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 use herald_hub::Hub;
-use herald_hub::store::{SqliteStore, StoreError};
+use herald_hub::broker::{Broker, BrokerError, RedisBroker};
+use herald_hub::cluster::generate_node_id;
+use herald_hub::store::{RedisStore, SqliteStore, StoreError};
 
 use crate::auth::Auth;
 use crate::routes::{self, AppState};
@@ -20,8 +22,8 @@ pub enum RunError {
     Secrets(#[from] SecretsError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("engine.kind = \"redis\" is not available in this build yet; use \"embedded\"")]
-    EngineUnavailable,
+    #[error("redis engine: {0}")]
+    Broker(#[from] BrokerError),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -34,9 +36,6 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    if settings.engine.kind == EngineKind::Redis {
-        return Err(RunError::EngineUnavailable);
-    }
     let secrets = Secrets::resolve(&settings)?;
     let auth = Auth::new(secrets);
     if auth.is_insecure() {
@@ -44,12 +43,7 @@ pub async fn run(
             "auth.insecure = true: anyone can publish and subscribe as anyone. Development only."
         );
     }
-    let store = SqliteStore::open(
-        &settings.store.path,
-        settings.retention(),
-        settings.store.fsync,
-    )?;
-    let hub = Hub::start(settings.hub_config(), Arc::new(store));
+    let hub = start_hub(&settings)?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
         hub: hub.clone(),
@@ -99,6 +93,32 @@ pub async fn run(
         .map_err(|e| RunError::Io(std::io::Error::other(e)))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The hub on the configured engine: the embedded store alone, or Redis shared with other nodes.
+fn start_hub(settings: &Settings) -> Result<Hub, RunError> {
+    match settings.engine.kind {
+        EngineKind::Embedded => {
+            let store = SqliteStore::open(
+                &settings.store.path,
+                settings.retention(),
+                settings.store.fsync,
+            )?;
+            Ok(Hub::start(settings.hub_config(), Arc::new(store)))
+        }
+        EngineKind::Redis => {
+            let redis = settings.redis_config();
+            let store = RedisStore::open(&redis, settings.retention())?;
+            let node = generate_node_id();
+            tracing::info!(%node, url = %redis.url, "engine: redis");
+            let conn = store.connection();
+            let hub = Hub::start_with(settings.hub_config(), Arc::new(store), |registry| {
+                let broker = RedisBroker::start(&redis, conn, node, registry)?;
+                Ok::<Arc<dyn Broker>, BrokerError>(Arc::new(broker))
+            })?;
+            Ok(hub)
+        }
+    }
 }
 
 /// A peer that stops reading fills its receive window, then our send buffer, and

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use herald_hub::cluster::RedisConfig;
 use herald_hub::{Heartbeat, HubConfig, Retention};
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
@@ -146,6 +147,12 @@ pub enum EngineKind {
 pub struct EngineSettings {
     pub kind: EngineKind,
     pub redis_url: String,
+    /// Prefix of every Redis key and channel; nodes of one cluster share it.
+    pub redis_prefix: String,
+    /// The longest one Redis call may take; past it a publish answers 503.
+    pub redis_timeout_ms: u64,
+    /// A node's sessions stop counting in presence this long after its last heartbeat.
+    pub presence_ttl_ms: u64,
 }
 
 impl Default for EngineSettings {
@@ -153,6 +160,9 @@ impl Default for EngineSettings {
         Self {
             kind: EngineKind::Embedded,
             redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_prefix: "herald".into(),
+            redis_timeout_ms: 2_000,
+            presence_ttl_ms: 15_000,
         }
     }
 }
@@ -256,6 +266,25 @@ impl Settings {
         if self.engine.kind == EngineKind::Redis && !self.engine.redis_url.starts_with("redis://") {
             return Err(key_error("engine.redis_url", "must start with redis://"));
         }
+        if self.engine.redis_prefix.is_empty() || self.engine.redis_prefix.contains(['{', '}', ' '])
+        {
+            return Err(key_error(
+                "engine.redis_prefix",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        if !(100..=60_000).contains(&self.engine.redis_timeout_ms) {
+            return Err(key_error(
+                "engine.redis_timeout_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if !(1_000..=60_000).contains(&self.engine.presence_ttl_ms) {
+            return Err(key_error(
+                "engine.presence_ttl_ms",
+                "must be between 1000 and 60000",
+            ));
+        }
         Ok(())
     }
 
@@ -280,6 +309,15 @@ impl Settings {
             session_queue: self.limits.session_queue,
             max_frame_bytes: self.limits.max_frame_bytes,
             gap_wait: Duration::from_millis(self.limits.gap_wait_ms),
+        }
+    }
+
+    pub fn redis_config(&self) -> RedisConfig {
+        RedisConfig {
+            url: self.engine.redis_url.clone(),
+            prefix: self.engine.redis_prefix.clone(),
+            timeout: Duration::from_millis(self.engine.redis_timeout_ms),
+            presence_ttl: Duration::from_millis(self.engine.presence_ttl_ms),
         }
     }
 
@@ -430,6 +468,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("heartbeat.timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn redis_engine_limits_are_checked() {
+        for (key, env_key, value) in [
+            (
+                "engine.presence_ttl_ms",
+                "HERALD_ENGINE__PRESENCE_TTL_MS",
+                "60001",
+            ),
+            (
+                "engine.redis_timeout_ms",
+                "HERALD_ENGINE__REDIS_TIMEOUT_MS",
+                "0",
+            ),
+            ("engine.redis_prefix", "HERALD_ENGINE__REDIS_PREFIX", "a{b}"),
+        ] {
+            let e = load(None, &[(env_key, value)]).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let s = load(
+            None,
+            &[
+                ("HERALD_ENGINE__KIND", "redis"),
+                ("HERALD_ENGINE__PRESENCE_TTL_MS", "6000"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.engine.kind, EngineKind::Redis);
+        assert_eq!(
+            s.redis_config().presence_heartbeat(),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::config::HubConfig;
 use crate::ids::{Seq, SessionId, SessionIds, UserId};
 use crate::metrics::Metrics;
 use crate::protocol;
-use crate::registry::{CloseAll, Presence, Registry, RegistryStats, Stats};
+use crate::registry::{CloseAll, Registry, RegistryStats, Stats};
 use crate::session::Session;
 use crate::store::{Appended, Draft, Receipt, Store, StoreError, Stored};
 
@@ -75,17 +75,31 @@ impl Hub {
     /// Starts the registry on the current arbiter with the one-node broker.
     /// Must run inside an actix system.
     pub fn start(config: HubConfig, store: Arc<dyn Store>) -> Self {
+        let Ok(hub) = Self::start_with::<std::convert::Infallible>(config, store, |registry| {
+            Ok(Arc::new(MemoryBroker::new(registry)))
+        });
+        hub
+    }
+
+    /// Starts the registry with the broker `make_broker` builds around it (a
+    /// shared engine's broker delivers into this node's registry).
+    /// Must run inside an actix system.
+    pub fn start_with<E>(
+        config: HubConfig,
+        store: Arc<dyn Store>,
+        make_broker: impl FnOnce(Addr<Registry>) -> Result<Arc<dyn Broker>, E>,
+    ) -> Result<Self, E> {
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(Arc::clone(&metrics)).start();
-        let broker = Arc::new(MemoryBroker::new(registry.clone()));
-        Self(Arc::new(Core {
+        let broker = make_broker(registry.clone())?;
+        Ok(Self(Arc::new(Core {
             config,
             store,
             broker,
             registry,
             metrics,
             session_ids: SessionIds::default(),
-        }))
+        })))
     }
 
     pub fn config(&self) -> HubConfig {
@@ -98,6 +112,10 @@ impl Hub {
 
     pub(crate) fn store(&self) -> Arc<dyn Store> {
         Arc::clone(&self.0.store)
+    }
+
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.0.broker
     }
 
     pub(crate) fn registry(&self) -> &Addr<Registry> {
@@ -209,13 +227,9 @@ impl Hub {
         })
     }
 
-    /// Sessions the user holds on this node.
+    /// Sessions the user holds, on every node the broker knows of.
     pub async fn presence(&self, user: &UserId) -> Result<usize, HubError> {
-        self.0
-            .registry
-            .send(Presence { user: user.clone() })
-            .await
-            .map_err(|_| HubError::ShuttingDown)
+        Ok(self.0.broker.presence(user).await?)
     }
 
     /// Users online and sessions open on this node.

@@ -9,12 +9,14 @@
 //! - [`config`]: the hub's validated tunables.
 //! - [`registry`]: the registry actor, user → sessions, and fan-out.
 //! - [`session`]: one actor per WebSocket (heartbeat, inbound, eviction) and its ordered writer.
-//! - [`store`]: durable per-user history behind the `Store` trait (SQLite by default).
-//! - [`broker`]: fan-out behind the `Broker` trait (in-process by default).
+//! - [`store`]: durable per-user history behind the `Store` trait (SQLite by default, or Redis).
+//! - [`broker`]: fan-out behind the `Broker` trait (in-process by default, or Redis pub/sub).
+//! - [`cluster`]: what the Redis engine's store and broker share (keys, node id, bounded calls).
 //! - [`hub`]: the façade the gateway calls to publish, read state and open sessions.
 //! - [`metrics`]: Prometheus counters and gauges.
 
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod ids;
@@ -23,6 +25,8 @@ pub mod protocol;
 pub mod registry;
 pub mod session;
 pub mod store;
+#[cfg(test)]
+mod test_redis;
 
 pub use config::{Heartbeat, HubConfig, Retention};
 pub use hub::{Broadcasted, History, Hub, HubError, Publish, Published};

@@ -1,5 +1,6 @@
 //! The HTTP surface: which path and method reach which handler, and what unknown ones answer.
 
+mod assets;
 mod ops;
 mod publish;
 mod state;
@@ -68,6 +69,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ))
     .service(resource("/healthz".into(), web::get().to(ops::healthz)))
     .service(resource("/metrics".into(), web::get().to(ops::metrics)))
+    .service(resource(
+        "/herald.js".into(),
+        web::get().to(assets::herald_js),
+    ))
+    .service(resource(
+        "/herald.d.ts".into(),
+        web::get().to(assets::herald_d_ts),
+    ))
+    .service(resource("/".into(), web::get().to(assets::demo)))
+    .service(resource("/demo".into(), web::get().to(assets::demo)))
+    .service(resource(
+        "/demo/config".into(),
+        web::get().to(assets::demo_config),
+    ))
     .default_service(web::to(not_found));
 }
 

@@ -5,7 +5,8 @@ use async_trait::async_trait;
 use bytestring::ByteString;
 
 use super::{Broker, BrokerError};
-use crate::registry::{Broadcast, Deliver, Registry};
+use crate::ids::UserId;
+use crate::registry::{Broadcast, Deliver, Presence, Registry};
 use crate::store::Notification;
 
 pub struct MemoryBroker {
@@ -35,6 +36,13 @@ impl Broker for MemoryBroker {
     async fn broadcast(&self, frame: ByteString) -> Result<usize, BrokerError> {
         self.registry
             .send(Broadcast { frame })
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+
+    async fn presence(&self, user: &UserId) -> Result<usize, BrokerError> {
+        self.registry
+            .send(Presence { user: user.clone() })
             .await
             .map_err(|e| BrokerError::Unavailable(e.to_string()))
     }

@@ -4,12 +4,17 @@
 //! the broker is in-process or shared by several nodes.
 
 mod memory;
+mod redis;
 
 pub use memory::MemoryBroker;
+pub use redis::RedisBroker;
 
 use async_trait::async_trait;
 use bytestring::ByteString;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
+use crate::ids::UserId;
 use crate::store::Notification;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,4 +30,17 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Hands a live frame to every session; answers how many took it.
     async fn broadcast(&self, frame: ByteString) -> Result<usize, BrokerError>;
+
+    /// Sessions `user` holds on every node.
+    async fn presence(&self, user: &UserId) -> Result<usize, BrokerError>;
+
+    /// A session of `user` is joining this node. Counted at once (so a later
+    /// [`Broker::leave`] always balances it); the future resolves once this node
+    /// receives the user's notifications, which must be before the session reads its head.
+    fn join(&self, _user: &UserId) -> BoxFuture<'static, Result<(), BrokerError>> {
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    /// A session that called [`Broker::join`] ended.
+    fn leave(&self, _user: &UserId) {}
 }

@@ -8,10 +8,19 @@ use tokio::sync::mpsc;
 
 use super::writer::{Writer, WriterError};
 use super::{Evict, EvictReason, Outbound};
+use crate::broker::BrokerError;
 use crate::hub::Hub;
 use crate::ids::{Seq, SessionId, UserId};
 use crate::protocol::{self, ClientFrame, CloseCode, HeartbeatInfo};
 use crate::registry::{Join, Leave, SessionEntry};
+
+#[derive(Debug, thiserror::Error)]
+enum JoinError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the registry is stopping")]
+    Stopping,
+}
 
 /// How long a close frame may wait for room behind a peer that stopped reading.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -158,17 +167,29 @@ impl Actor for Session {
                 control: ctx.address().recipient(),
             },
         };
-        // The writer reads the user's head only after the registry holds the session,
-        // so nothing published in between can fall through the gap.
-        ctx.wait(self.hub.registry().send(join).into_actor(self).map(
-            |joined, act, ctx| match joined {
-                Ok(()) => act.start_writer(ctx),
-                Err(_) => ctx.stop(),
-            },
-        ));
+        // The writer reads the user's head only after the broker delivers the user's
+        // notifications to this node and the registry holds the session, so nothing
+        // published in between can fall through the gap.
+        let subscribed = self.hub.broker().join(&self.user);
+        // `send` queues the Join now; cloning the registry's `Addr` is not an option
+        // (its unbounded mailbox makes actix's sender count overflow).
+        let registered = self.hub.registry().send(join);
+        let joined = async move {
+            subscribed.await?;
+            registered.await.map_err(|_| JoinError::Stopping)
+        };
+        ctx.wait(joined.into_actor(self).map(|joined, act, ctx| match joined {
+            Ok(()) => act.start_writer(ctx),
+            Err(JoinError::Broker(e)) => {
+                tracing::warn!(user = %act.user, session = %act.id, error = %e, "session closed: broker unavailable");
+                act.close(ctx, CloseCode::GoingAway);
+            }
+            Err(JoinError::Stopping) => ctx.stop(),
+        }));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.hub.broker().leave(&self.user);
         self.hub.registry().do_send(Leave {
             user: self.user.clone(),
             session: self.id,

@@ -2,8 +2,10 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+mod redis;
 mod sqlite;
 
+pub use redis::RedisStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
