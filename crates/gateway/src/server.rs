@@ -15,6 +15,7 @@ use crate::auth::Auth;
 use crate::routes::{self, AppState};
 use crate::secrets::{Secrets, SecretsError};
 use crate::settings::{EngineKind, Settings};
+use crate::socket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -62,7 +63,7 @@ pub async fn run(
             .app_data(state.clone())
             .configure(routes::configure)
     })
-    .on_connect(move |conn, _| limit_stalled_peer(conn, stalled_peer_limit))
+    .on_connect(move |conn, data| socket::on_connect(conn, data, stalled_peer_limit))
     .disable_signals()
     .shutdown_timeout(grace.as_secs().max(1))
     // A peer that stopped reading must not hold a closed session's socket open.
@@ -119,22 +120,6 @@ fn start_hub(settings: &Settings) -> Result<Hub, RunError> {
             Ok(hub)
         }
     }
-}
-
-/// A peer that stops reading fills its receive window, then our send buffer, and
-/// actix waits to flush to it forever: an evicted session's socket (and its buffers)
-/// stayed open as long as the peer did. With TCP_USER_TIMEOUT the kernel drops a
-/// connection whose data stays unacknowledged or unsent (zero window) for that long,
-/// so a peer that stopped reading is let go after the heartbeat timeout.
-fn limit_stalled_peer(conn: &dyn std::any::Any, limit: Duration) {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
-        && let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(limit))
-    {
-        tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = (conn, limit);
 }
 
 /// Resolves on SIGINT or SIGTERM.
