@@ -253,7 +253,7 @@ async fn a_peer_that_stopped_reading_is_evicted_and_costs_bounded_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_pings_but_never_reads_is_evicted_as_a_slow_consumer() {
+async fn a_peer_that_pings_but_never_reads_is_dropped_and_costs_bounded_memory() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let herald = start().await;
     let baseline = warm_up(&herald).await;
@@ -292,8 +292,8 @@ async fn a_peer_that_pings_but_never_reads_is_evicted_as_a_slow_consumer() {
     );
     let (heartbeat_after, slow_after) = evictions(&herald).await;
     // Two things race to end it, both right: its queue overflows (slow_consumer), or
-    // the kernel gives up on the zero window first (TCP_USER_TIMEOUT = heartbeat
-    // timeout, see the gateway's server.rs) and the session ends with its socket.
+    // the kernel drops the connection first (TCP_USER_TIMEOUT = heartbeat timeout,
+    // see the gateway's socket.rs) and the session just ends with it, uncounted.
     assert!(
         [0.0, 1.0].contains(&(slow_after - slow_before)),
         "at most one slow_consumer eviction"
@@ -303,8 +303,9 @@ async fn a_peer_that_pings_but_never_reads_is_evicted_as_a_slow_consumer() {
         "its pings kept it alive for the heartbeat"
     );
     assert_eq!(herald.metric("herald_sessions").await, 1.0);
-    // It keeps sending, which restarts the kernel's zero-window clock, so only the
-    // session cutting its connection lets the server release this socket.
+    // While the peer keeps sending, TCP_USER_TIMEOUT does not reliably fire (seen:
+    // ESTABLISHED for over 10 s, zero-window probes answered), so this relies on the
+    // session cutting its connection after the close grace.
     eventually(SOON, "server socket released", || async {
         server_socket_state(herald.addr, client) != Some(TCP_ESTABLISHED)
     })
