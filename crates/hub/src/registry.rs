@@ -23,6 +23,9 @@ pub struct SessionEntry {
     pub control: Recipient<Evict>,
 }
 
+/// Messages queued before senders park (they still enqueue, in order).
+const MAILBOX_CAPACITY: usize = 1 << 20;
+
 pub struct Registry {
     users: HashMap<UserId, Vec<SessionEntry>>,
     sessions: usize,
@@ -71,8 +74,9 @@ impl Actor for Registry {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // Publishers are bounded upstream (HTTP workers, store commits); parking them
-        // here would only add latency to every publish.
-        ctx.set_mailbox_capacity(usize::MAX);
+        // here would only add latency to every publish. Not usize::MAX: actix adds to
+        // the capacity when an address is cloned, which would overflow.
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
     }
 }
 
