@@ -149,6 +149,37 @@ impl Herald {
         subscribe_at(self.addr, user, Some(since)).await
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let res = reqwest::get(format!("{}/metrics", self.base_url()))
+            .await
+            .expect("GET /metrics");
+        assert_eq!(res.status().as_u16(), 200);
+        res.text().await.expect("metrics body")
+    }
+
+    /// One series of `/metrics`, named exactly as exposed (labels included), e.g.
+    /// `herald_sessions_evicted_total{reason="heartbeat"}`. Panics when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        metric_value(&text, series).unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+    }
+
+    /// How many sessions `user` holds, from `GET /v1/users/{user}/presence`.
+    pub async fn presence(&self, user: &str) -> u64 {
+        let (status, body) = self
+            .publisher()
+            .get(&format!("/v1/users/{user}/presence"))
+            .await;
+        assert_eq!(status, 200, "presence of {user}: {body}");
+        assert_eq!(
+            body["online"].as_bool(),
+            Some(body["sessions"].as_u64() > Some(0)),
+            "online agrees with sessions: {body}"
+        );
+        body["sessions"].as_u64().expect("sessions")
+    }
+
     pub fn ws_url(&self, user: &str, token: Option<&str>, since: Option<u64>) -> String {
         ws_url(self.addr, user, token, since)
     }
@@ -173,6 +204,13 @@ impl Herald {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// The value of `series` in a Prometheus text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 impl Drop for Herald {

@@ -52,7 +52,11 @@ impl Auth {
             ))?
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme is case-insensitive (RFC 9110 §11.1): `bearer <key>` is the same
+            // credential, and refusing it would send a correct key back as 401.
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+            .map(|(_, key)| key)
             .ok_or(ApiError::Unauthorized(
                 "Authorization must be `Bearer <api key>`",
             ))?;

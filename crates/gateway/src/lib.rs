@@ -10,6 +10,7 @@
 //! - `body`: JSON request bodies and their 400/413/415/422 errors.
 //! - `error`: every HTTP error and its one JSON mapping.
 //! - [`server`]: `run(listener, settings, shutdown)`, the whole server, callable from tests.
+//! - `socket`: the TCP connection under a request (TCP_USER_TIMEOUT, cutting a stalled peer).
 //! - `telemetry`: tracing setup.
 
 mod auth;
@@ -20,6 +21,7 @@ mod routes;
 pub mod secrets;
 pub mod server;
 pub mod settings;
+mod socket;
 mod telemetry;
 
 pub use auth::mint as mint_token;

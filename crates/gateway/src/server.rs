@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_web::{App, HttpServer, middleware, web};
+use actix_web::{App, HttpServer, web};
 use herald_hub::Hub;
 use herald_hub::broker::{Broker, BrokerError, RedisBroker};
 use herald_hub::cluster::generate_node_id;
@@ -15,6 +15,7 @@ use crate::auth::Auth;
 use crate::routes::{self, AppState};
 use crate::secrets::{Secrets, SecretsError};
 use crate::settings::{EngineKind, Settings};
+use crate::socket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -56,12 +57,15 @@ pub async fn run(
     });
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let addr = listener.local_addr()?;
+    let stalled_peer_limit = Duration::from_millis(settings.heartbeat.timeout_ms);
     let mut server = HttpServer::new(move || {
+        // No `NormalizePath`: it merges `//`, which turned the empty user id of
+        // `/v1/users//notifications` into a 404 where API.md wants `400 invalid_user_id`.
         App::new()
             .app_data(state.clone())
-            .wrap(middleware::NormalizePath::trim())
             .configure(routes::configure)
     })
+    .on_connect(move |conn, data| socket::on_connect(conn, data, stalled_peer_limit))
     .disable_signals()
     .shutdown_timeout(grace.as_secs().max(1))
     // A peer that stopped reading must not hold a closed session's socket open.

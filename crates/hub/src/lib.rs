@@ -31,3 +31,4 @@ mod test_redis;
 pub use config::{Heartbeat, HubConfig, Retention};
 pub use hub::{Broadcasted, History, Hub, HubError, Publish, Published};
 pub use ids::{InvalidUserId, Seq, SessionId, UserId};
+pub use session::CutConnection;

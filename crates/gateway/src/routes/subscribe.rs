@@ -29,9 +29,10 @@ pub async fn upgrade(
     }
     let (response, ws, stream) =
         actix_ws::handle(&req, payload).map_err(|_| ApiError::NotWebSocket)?;
+    let cut = crate::socket::cutter(&req);
     let session = state
         .hub
-        .open_session(user.clone(), query.since, ws, stream);
+        .open_session(user.clone(), query.since, ws, stream, cut);
     tracing::debug!(user = %user, session = %session, since = ?query.since, "subscribed");
     Ok(response)
 }

@@ -7,7 +7,7 @@ use actix_ws::{AggregatedMessage, CloseReason, ProtocolError};
 use tokio::sync::mpsc;
 
 use super::writer::{Writer, WriterError};
-use super::{Evict, EvictReason, Outbound};
+use super::{CutConnection, Evict, EvictReason, Outbound};
 use crate::broker::BrokerError;
 use crate::hub::Hub;
 use crate::ids::{Seq, SessionId, UserId};
@@ -38,6 +38,8 @@ pub struct Session {
     last_seen: Instant,
     writer: Option<SpawnHandle>,
     closing: bool,
+    /// Used once the close frame had its grace, so a stalled peer cannot keep the socket.
+    cut: Option<CutConnection>,
 }
 
 impl Session {
@@ -49,6 +51,7 @@ impl Session {
         since: Option<Seq>,
         ws: actix_ws::Session,
         stream: actix_ws::MessageStream,
+        cut: Option<CutConnection>,
     ) -> Addr<Self> {
         let config = hub.config();
         let (outbound, queue) = mpsc::channel(config.session_queue);
@@ -69,6 +72,7 @@ impl Session {
                 last_seen: Instant::now(),
                 writer: None,
                 closing: false,
+                cut,
             }
         })
     }
@@ -113,8 +117,16 @@ impl Session {
             code: code.code().into(),
             description: None,
         };
+        let cut = self.cut.take();
         actix_rt::spawn(async move {
-            let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(Some(reason))).await;
+            let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+            let _ = tokio::time::timeout_at(deadline, ws.close(Some(reason))).await;
+            // A peer that reads has the close frame by now and has hung up or will;
+            // one that stopped reading would otherwise hold the socket indefinitely.
+            if let Some(cut) = cut {
+                tokio::time::sleep_until(deadline).await;
+                cut();
+            }
         });
         ctx.stop();
     }
@@ -221,6 +233,11 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => self.close(ctx, CloseCode::Normal),
             Err(ProtocolError::Overflow) => self.evict(ctx, EvictReason::FrameTooBig),
+            // A message over the limit in fragments is just as big, but actix-ws's aggregator
+            // reports it only as an `Io` error with this text; without this arm it closed 1002.
+            Err(ProtocolError::Io(e)) if e.to_string().contains("maximum continuation size") => {
+                self.evict(ctx, EvictReason::FrameTooBig)
+            }
             Err(e) => {
                 tracing::debug!(user = %self.user, session = %self.id, error = %e, "protocol error");
                 self.evict(ctx, EvictReason::ProtocolError);

@@ -25,6 +25,12 @@ pub enum Outbound {
     Pong(Bytes),
 }
 
+/// Drops the connection under a session at once, whatever is still unsent (the
+/// gateway's: the hub knows no sockets). A peer that stopped reading never takes the
+/// close frame, and the HTTP server would otherwise hold its socket to flush to it
+/// for as long as the peer stays connected.
+pub type CutConnection = Box<dyn FnOnce() + Send>;
+
 /// Why the server closed a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvictReason {

@@ -1,0 +1,318 @@
+//! Half-open connections and peers that stopped reading: they are evicted within
+//! `timeout + interval` (plus slack), the server's memory does not grow with what is
+//! addressed to them, and a healthy user on the same server is served all along.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use herald_tests::{
+    Herald, RawWebSocket, SOON, TCP_ESTABLISHED, client_frame, eventually, rss_bytes,
+    server_socket_state, token,
+};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+const INTERVAL_MS: u64 = 250;
+/// Four intervals: a busy CI machine may delay a healthy client's Pong by a few
+/// hundred milliseconds, and that must not evict it.
+const TIMEOUT_MS: u64 = 1000;
+/// Scheduling slack on a busy 2-core machine on top of `timeout + interval`.
+const SLACK: Duration = Duration::from_secs(3);
+
+/// One test at a time: RSS is process-wide, so a flood in a concurrent test would
+/// count against another's bound.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn eviction_limit() -> Duration {
+    Duration::from_millis(TIMEOUT_MS + INTERVAL_MS) + SLACK
+}
+
+async fn start() -> Herald {
+    Herald::start_with(|s| {
+        s.heartbeat.interval_ms = INTERVAL_MS;
+        s.heartbeat.timeout_ms = TIMEOUT_MS;
+        // Durability is not under test here; this keeps thousands of publishes quick.
+        s.store.fsync = false;
+    })
+    .await
+}
+
+/// A healthy user on the same server: publishes to it every 25 ms and checks each
+/// notification arrives, in seq order, while the test misbehaves elsewhere.
+struct Bystander {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<u64>,
+}
+
+impl Bystander {
+    async fn start(herald: &Herald) -> Self {
+        let mut sub = herald.subscribe("healthy").await;
+        let publisher = herald.publisher();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let task = tokio::spawn(async move {
+            let mut seq = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                seq += 1;
+                let published = publisher.publish_ok("healthy", json!({"n": seq})).await;
+                assert_eq!(published, seq, "healthy's seq");
+                // Generous: "promptly" is about not being starved, never about speed.
+                let got = sub.notifications(1, SOON).await;
+                assert_eq!(got[0]["seq"], seq, "healthy receives in order");
+                assert_eq!(got[0]["data"]["n"], seq);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            sub.expect_silence(Duration::from_millis(100)).await;
+            seq
+        });
+        Self { stop, task }
+    }
+
+    /// Stops and answers how many notifications the healthy user received.
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task
+            .await
+            .expect("the healthy user was served throughout")
+    }
+}
+
+async fn evictions(herald: &Herald) -> (f64, f64) {
+    (
+        herald
+            .metric("herald_sessions_evicted_total{reason=\"heartbeat\"}")
+            .await,
+        herald
+            .metric("herald_sessions_evicted_total{reason=\"slow_consumer\"}")
+            .await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_is_evicted_by_the_heartbeat() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let herald = start().await;
+    let bystander = Bystander::start(&herald).await;
+    let (heartbeat_before, slow_before) = evictions(&herald).await;
+
+    // The handshake by hand, then silence: no reads, no writes, no close, like a
+    // peer whose machine vanished.
+    let url = format!("/ws/ghost?token={}", token("ghost"));
+    let mut ghost = RawWebSocket::connect(herald.addr, &url)
+        .await
+        .expect("upgrade");
+    let client = ghost.stream.local_addr().unwrap();
+    eventually(SOON, "ghost joined", || async {
+        herald.presence("ghost").await == 1
+    })
+    .await;
+    assert_eq!(herald.metric("herald_sessions").await, 2.0);
+
+    let took = eventually(eviction_limit(), "ghost evicted", || async {
+        herald.presence("ghost").await == 0
+    })
+    .await;
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_MS / 2),
+        "evicted after {took:?}, long before the {TIMEOUT_MS} ms timeout"
+    );
+    assert_eq!(herald.metric("herald_sessions").await, 1.0);
+    assert_eq!(herald.metric("herald_users_online").await, 1.0);
+    let (heartbeat_after, slow_after) = evictions(&herald).await;
+    assert_eq!(heartbeat_after - heartbeat_before, 1.0, "reason heartbeat");
+    assert_eq!(slow_after, slow_before);
+
+    // The server let go of the socket too.
+    assert!(
+        ghost.closed_within(SOON).await,
+        "the server closed the ghost's socket"
+    );
+    eventually(SOON, "server socket released", || async {
+        server_socket_state(herald.addr, client) != Some(TCP_ESTABLISHED)
+    })
+    .await;
+
+    assert_eq!(herald.presence("healthy").await, 1);
+    assert!(bystander.finish().await > 0);
+    herald.shutdown().await.unwrap();
+}
+
+/// Publishes `count` notifications of `size` bytes of data to `user`, 8 at a time,
+/// while sampling this process's RSS; answers the peak RSS seen.
+async fn flood(herald: &Herald, user: &str, count: usize, size: usize) -> u64 {
+    let peak = Arc::new(AtomicU64::new(rss_bytes()));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (Arc::clone(&peak), Arc::clone(&sampling));
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let blob = "x".repeat(size);
+    let publisher = herald.publisher();
+    futures_util::stream::iter(0..count)
+        .map(|i| {
+            let (publisher, blob, user) = (publisher.clone(), blob.clone(), user.to_owned());
+            async move {
+                let (status, body) = publisher
+                    .publish(&user, json!({"i": i, "blob": blob}))
+                    .await;
+                assert_eq!(status, 202, "{body}");
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await.unwrap();
+    peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+    peak.load(Ordering::Relaxed)
+}
+
+/// What one flood sends: 3,000 notifications of 32 KiB, about 94 MiB addressed to a
+/// peer that reads none of it.
+const FLOOD_COUNT: usize = 3000;
+const FLOOD_BYTES: usize = 32 * 1024;
+
+/// How much this process's RSS may grow during a flood. What the server may
+/// legitimately hold for a stalled session is bounded: its queue
+/// (`limits.session_queue` = 256 frames ≈ 8 MiB of these), actix-ws's channel (32
+/// frames ≈ 1 MiB) and one write buffer; the rest sits in kernel socket buffers,
+/// which RSS does not count. On top come SQLite's page caches, HTTP buffers of 8
+/// concurrent publishes and allocator slack. 48 MiB covers all of that with room to
+/// spare, yet is about half of what one flood addresses to the stalled peer, so a
+/// server that buffered per session without bound would exceed it.
+const RSS_GROWTH_BOUND: u64 = 48 * 1024 * 1024;
+
+/// Warms up the store and allocator with the same kind of traffic, so the baseline
+/// already includes caches that any publish fills.
+async fn warm_up(herald: &Herald) -> u64 {
+    flood(herald, "warm-up", 300, FLOOD_BYTES).await;
+    rss_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stopped_reading_is_evicted_and_costs_bounded_memory() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let herald = start().await;
+    let baseline = warm_up(&herald).await;
+    let bystander = Bystander::start(&herald).await;
+    let (heartbeat_before, slow_before) = evictions(&herald).await;
+
+    // A real client that completed the handshake and read hello, then its
+    // application stopped reading: the kernel keeps ACKing, nothing is consumed
+    // and no Pong is ever sent back.
+    let url = herald.ws_url("stalled", Some(&token("stalled")), None);
+    let (mut stalled, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    let hello = stalled.next().await.expect("hello").expect("hello");
+    let client = stalled.get_ref().get_ref().local_addr().unwrap();
+    assert!(hello.to_text().unwrap().contains("\"hello\""));
+    let stalled_at = tokio::time::Instant::now();
+    assert_eq!(herald.presence("stalled").await, 1);
+
+    let flooding = async {
+        let peak = flood(&herald, "stalled", FLOOD_COUNT, FLOOD_BYTES).await;
+        assert!(
+            peak.saturating_sub(baseline) < RSS_GROWTH_BOUND,
+            "RSS grew by {} MiB while flooding a stalled peer",
+            peak.saturating_sub(baseline) >> 20
+        );
+    };
+    let evicted = async {
+        eventually(eviction_limit(), "stalled reader evicted", || async {
+            herald.presence("stalled").await == 0
+        })
+        .await;
+        stalled_at.elapsed()
+    };
+    let ((), took) = tokio::join!(flooding, evicted);
+    assert!(took <= eviction_limit() + Duration::from_millis(100));
+
+    assert_eq!(herald.metric("herald_sessions").await, 1.0);
+    let (heartbeat_after, slow_after) = evictions(&herald).await;
+    assert_eq!(
+        (heartbeat_after - heartbeat_before) + (slow_after - slow_before),
+        1.0,
+        "one eviction, for heartbeat or slow_consumer"
+    );
+    eventually(SOON, "server socket released", || async {
+        server_socket_state(herald.addr, client) != Some(TCP_ESTABLISHED)
+    })
+    .await;
+    assert_eq!(herald.presence("healthy").await, 1);
+    assert!(bystander.finish().await > 0);
+    drop(stalled);
+    herald.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_pings_but_never_reads_is_dropped_and_costs_bounded_memory() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let herald = start().await;
+    let baseline = warm_up(&herald).await;
+    let bystander = Bystander::start(&herald).await;
+    let (heartbeat_before, slow_before) = evictions(&herald).await;
+
+    // Alive by the heartbeat's measure (an app-level ping every 100 ms), but it never
+    // reads: only its overflowing queue can tell the server it is useless.
+    let url = format!("/ws/pinger?token={}", token("pinger"));
+    let pinger = RawWebSocket::connect(herald.addr, &url)
+        .await
+        .expect("upgrade");
+    let client = pinger.stream.local_addr().unwrap();
+    let (unread, mut write) = pinger.stream.into_split();
+    let pinging = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let ping = client_frame(0x1, br#"{"type":"ping"}"#);
+        while write.write_all(&ping).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    eventually(SOON, "pinger joined", || async {
+        herald.presence("pinger").await == 1
+    })
+    .await;
+
+    let peak = flood(&herald, "pinger", FLOOD_COUNT, FLOOD_BYTES).await;
+    eventually(SOON, "pinger evicted", || async {
+        herald.presence("pinger").await == 0
+    })
+    .await;
+    assert!(
+        peak.saturating_sub(baseline) < RSS_GROWTH_BOUND,
+        "RSS grew by {} MiB while flooding a peer that does not read",
+        peak.saturating_sub(baseline) >> 20
+    );
+    let (heartbeat_after, slow_after) = evictions(&herald).await;
+    // Two things race to end it, both right: its queue overflows (slow_consumer), or
+    // the kernel drops the connection first (TCP_USER_TIMEOUT = heartbeat timeout,
+    // see the gateway's socket.rs) and the session just ends with it, uncounted.
+    assert!(
+        [0.0, 1.0].contains(&(slow_after - slow_before)),
+        "at most one slow_consumer eviction"
+    );
+    assert_eq!(
+        heartbeat_after, heartbeat_before,
+        "its pings kept it alive for the heartbeat"
+    );
+    assert_eq!(herald.metric("herald_sessions").await, 1.0);
+    // While the peer keeps sending, TCP_USER_TIMEOUT does not reliably fire (seen:
+    // ESTABLISHED for over 10 s, zero-window probes answered), so this relies on the
+    // session cutting its connection after the close grace.
+    eventually(SOON, "server socket released", || async {
+        server_socket_state(herald.addr, client) != Some(TCP_ESTABLISHED)
+    })
+    .await;
+
+    assert!(bystander.finish().await > 0);
+    pinging.abort();
+    drop(unread);
+    herald.shutdown().await.unwrap();
+}
