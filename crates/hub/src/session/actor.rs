@@ -183,8 +183,7 @@ impl Actor for Session {
         // notifications to this node and the registry holds the session, so nothing
         // published in between can fall through the gap.
         let subscribed = self.hub.broker().join(&self.user);
-        // `send` queues the Join now; cloning the registry's `Addr` is not an option
-        // (its unbounded mailbox makes actix's sender count overflow).
+        // `send` queues the Join now, so it is ordered before this session's own Leave.
         let registered = self.hub.registry().send(join);
         let joined = async move {
             subscribed.await?;
