@@ -166,6 +166,7 @@ pub async fn open(url: &str, source: IpAddr, recv_buffer: Option<u32>) -> Result
             .set_recv_buffer_size(bytes)
             .map_err(|e| e.to_string())?;
     }
+    defer_port_choice(&socket).map_err(|e| format!("IP_BIND_ADDRESS_NO_PORT: {e}"))?;
     socket
         .bind(SocketAddr::new(source, 0))
         .map_err(|e| format!("bind {source}: {e}"))?;
@@ -178,6 +179,30 @@ pub async fn open(url: &str, source: IpAddr, recv_buffer: Option<u32>) -> Result
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     Ok(ws)
+}
+
+/// Binding to (source, 0) would reserve a port from the one shared ephemeral range for
+/// good; with IP_BIND_ADDRESS_NO_PORT the kernel picks it at connect time by the full
+/// 4-tuple, so every source address gets its own ~28k ports and other connects
+/// (the publishers, other hubs' runs) are not starved.
+fn defer_port_choice(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to a c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn host_port(url: &str) -> Result<(String, u16), String> {
