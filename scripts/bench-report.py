@@ -194,8 +194,8 @@ for label, dotted, scale, digits in [
     ("server RSS peak (KiB)", "server.rss_peak_kib", 1, 0),
 ]:
     if label.startswith("sessions"):
-        w(f"| {label} | {cell('herald-hb', 'broadcast-fixed', 'connect.connected')} (0) | "
-          f"{cell('herald-hb', 'stalled', 'connect.connected')} ({cell('herald-hb', 'stalled', 'stalled.stalled')}) |")
+        w(f"| {label} | {fmt(median('herald-hb', 'broadcast-fixed', 'connect.connected'))} (0) | "
+          f"{fmt(median('herald-hb', 'stalled', 'connect.connected'))} ({fmt(median('herald-hb', 'stalled', 'stalled.stalled'))}) |")
         continue
     if dotted is None:
         w(f"| {label} | " + " | ".join(
@@ -231,6 +231,10 @@ for key, label, case, dotted, better in [
     h, n = m("herald", case, dotted), m("nchan", case, dotted)
     r = ratio(h, n)
     met = None if r is None else (r >= 1 if better == "higher" else r <= 1)
+    if key == "p99":
+        h, n = (None if h is None else h / 1000), (None if n is None else n / 1000)
+        target(label, f"{fmt(h, 2)} ms", f"Nchan {fmt(n, 2)} ms", f"Herald ÷ Nchan = {fmt(r, 2)}", met)
+        continue
     target(label, fmt(h), f"Nchan {fmt(n)}", f"Herald ÷ Nchan = {fmt(r, 2)}", met)
 hc, nc = m("herald", "broadcast", "server.cpu_us_per_delivered"), m("nchan", "broadcast", "server.cpu_us_per_delivered")
 r = ratio(hc, nc)
@@ -274,8 +278,11 @@ else:
     w("")
 
 w("## Exact commands\n")
-w("`scripts/bench` (SIZE=" + size + f", RUNS={runs}) ran, per hub and case, with a fresh hub each time and "
-  "`--server-pid <pid> --json` added:\n")
+w(f"`SIZE={size} RUNS={runs} scripts/bench` ran, per hub and case, with a fresh hub each time and "
+  "`--source-base <N> --server-pid <pid> --json` added (the source address block moves on every run, "
+  "so one run's TIME_WAIT ports never meet the next). The raw JSON of every run is kept beside this "
+  "file's generator: `scripts/bench` copies it to `target/bench-results-latest/`; the run below is "
+  "committed in `bench/results/`.\n")
 w("```")
 with open(commands_file) as f:
     w(f.read().rstrip())
