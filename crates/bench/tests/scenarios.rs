@@ -127,3 +127,53 @@ async fn stalled_sessions_are_evicted_while_the_rest_receive_everything() {
     assert_eq!(stalled.evicted, 10);
     herald.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_spreads_sessions_over_worker_processes_and_sums_them() {
+    let herald = herald().await;
+    let base = herald.addr;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald-bench"))
+        .args([
+            "unicast",
+            "--sub-url",
+            &format!("ws://{base}/ws/{{user}}"),
+            "--pub-url",
+            &format!("http://{base}/v1/users/{{user}}/notifications"),
+            "--greeting",
+            "--sessions",
+            "120",
+            "--users",
+            "40",
+            "--max-per-process",
+            "50",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--settle",
+            "0.3",
+            "--drain",
+            "15",
+            "--json",
+            "--strict",
+        ])
+        .output()
+        .await
+        .expect("run herald-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Report = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(report.processes, 3, "120 sessions at 50 per process");
+    assert_clean(&report);
+    assert_eq!(report.connect.connected, 120);
+    let delivery = report.delivery.as_ref().expect("delivery stats");
+    let publish = report.publish.as_ref().expect("publish stats");
+    // Each user has 3 sessions, in different workers: every accepted publish arrives 3 times.
+    assert_eq!(delivery.delivered, 3 * publish.accepted);
+    assert!(report.latency_us.as_ref().expect("latency").count >= delivery.delivered);
+    herald.shutdown().await.unwrap();
+}
