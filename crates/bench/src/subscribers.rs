@@ -316,9 +316,10 @@ impl Group {
         let evict_wait = Duration::from_millis(self.spec.evict_wait_ms);
         let join_deadline = tokio::time::Instant::now() + evict_wait + Duration::from_secs(5);
         for task in self.tasks {
-            let outcome = match tokio::time::timeout_at(join_deadline, task).await {
-                Ok(Ok(outcome)) => outcome,
-                _ => continue,
+            let Ok(Ok(outcome)) = tokio::time::timeout_at(join_deadline, task).await else {
+                // A session that neither stopped nor finished in time is counted as lost.
+                result.dropped += 1;
+                continue;
             };
             if !outcome.connected {
                 continue;
