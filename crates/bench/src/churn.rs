@@ -152,7 +152,8 @@ async fn one_session(
     if ws.send(Message::Close(None)).await.is_err() {
         return;
     }
-    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+    // Generous: a busy machine may be slow to answer, and this is a count, not a timing.
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(msg) = ws.next().await {
             match msg {
                 Ok(Message::Close(_)) => return true,
