@@ -184,19 +184,17 @@ impl Store for SqliteStore {
         self.readers
             .with(move |conn| {
                 let tx = conn.unchecked_transaction()?;
+                // Cached statements: every subscribe reads the head.
                 let last: i64 = tx
-                    .query_row(
-                        "SELECT last_seq FROM users WHERE user = ?1",
-                        [user.as_str()],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached("SELECT last_seq FROM users WHERE user = ?1")?
+                    .query_row([user.as_str()], |r| r.get(0))
                     .optional()?
                     .unwrap_or(0);
-                let first: Option<i64> = tx.query_row(
-                    "SELECT MIN(seq) FROM notifications WHERE user = ?1 AND ts_ms >= ?2",
-                    params![user.as_str(), cutoff],
-                    |r| r.get(0),
-                )?;
+                let first: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT MIN(seq) FROM notifications WHERE user = ?1 AND ts_ms >= ?2",
+                    )?
+                    .query_row(params![user.as_str(), cutoff], |r| r.get(0))?;
                 tx.finish()?;
                 Ok(Head {
                     first_seq: first.unwrap_or(last + 1) as Seq,
