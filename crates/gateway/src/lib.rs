@@ -9,6 +9,7 @@
 //! - `routes`: the endpoints of `API.md`, one module per concern.
 //! - `body`: JSON request bodies and their 400/413/415/422 errors.
 //! - `error`: every HTTP error and its one JSON mapping.
+//! - `memory`: returns memory freed by closed sessions to the OS.
 //! - [`server`]: `run(listener, settings, shutdown)`, the whole server, callable from tests.
 //! - `socket`: the TCP connection under a request (TCP_USER_TIMEOUT, cutting a stalled peer).
 //! - `telemetry`: tracing setup.
@@ -17,6 +18,7 @@ mod auth;
 mod body;
 pub mod cli;
 mod error;
+mod memory;
 mod routes;
 pub mod secrets;
 pub mod server;

@@ -12,6 +12,7 @@ use herald_hub::cluster::generate_node_id;
 use herald_hub::store::{RedisStore, SqliteStore, StoreError};
 
 use crate::auth::Auth;
+use crate::memory;
 use crate::routes::{self, AppState};
 use crate::secrets::{Secrets, SecretsError};
 use crate::settings::{EngineKind, Settings};
@@ -77,6 +78,7 @@ pub async fn run(
     tracing::info!(%addr, "listening on {addr}");
     let handle = server.handle();
     let mut serving = actix_rt::spawn(server);
+    let trimming = actix_rt::spawn(memory::trim_after_closes(hub.clone()));
 
     tokio::select! {
         () = shutdown => {}
@@ -91,6 +93,7 @@ pub async fn run(
     hub.close_sessions(grace).await;
     handle.stop(true).await;
     let _ = serving.await;
+    trimming.abort();
     hub.close_store()
         .await
         .map_err(|e| RunError::Io(std::io::Error::other(e)))?;
