@@ -288,9 +288,11 @@ with open(commands_file) as f:
     w(f.read().rstrip())
 w("```\n")
 
-analysis = os.path.join(os.path.dirname(__file__), "..", "bench", "analysis.md")
-if os.path.exists(analysis):
-    with open(analysis) as f:
-        w(f.read())
+# The scale-out section comes from its own command (scripts/bench-cluster); kept as it was measured.
+for part in ("scale-out.md", "analysis.md"):
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", part)
+    if os.path.exists(path):
+        with open(path) as f:
+            w(f.read())
 
 print("\n".join(out))

@@ -9,12 +9,13 @@ use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::latency::Latency;
-use crate::subscribers::{await_greeting, open, source_addr};
+use crate::subscribers::{await_greeting, node_slot, open, round_robin, source_addr};
 use crate::template::{Fill, Template};
 
 #[derive(Debug, Clone)]
 pub struct ChurnPlan {
-    pub url: String,
+    /// Session i opens through `urls[i % n]`.
+    pub urls: Vec<String>,
     pub user_prefix: String,
     pub users: usize,
     /// New sessions per second; as many close per second once the pool is full.
@@ -54,7 +55,7 @@ struct Counters {
 
 pub async fn churn(plan: ChurnPlan) -> ChurnResult {
     let counters = Arc::new(Counters::default());
-    let url = Template::parse(&plan.url);
+    let urls: Vec<Template> = plan.urls.iter().map(|u| Template::parse(u)).collect();
     let hold = Duration::from_secs_f64(plan.pool as f64 / plan.rate.max(1e-3));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -67,12 +68,16 @@ pub async fn churn(plan: ChurnPlan) -> ChurnResult {
         tokio::time::sleep_until(due.into()).await;
         let i = attempted as usize;
         let user = format!("{}{}", plan.user_prefix, i % plan.users.max(1));
-        let url = url.render(&Fill {
-            user: &user,
-            users: "",
-            ts: 0,
-            id: 0,
-        });
+        let url = round_robin(&urls, node_slot(i, plan.users))
+            .map(|url| {
+                url.render(&Fill {
+                    user: &user,
+                    users: "",
+                    ts: 0,
+                    id: 0,
+                })
+            })
+            .ok_or_else(|| "no subscriber URL".to_string());
         let source = source_addr(plan.source_base, plan.per_source, i % (plan.per_source * 4));
         tasks.push(tokio::spawn(one_session(
             url,
@@ -107,7 +112,7 @@ pub async fn churn(plan: ChurnPlan) -> ChurnResult {
 }
 
 async fn one_session(
-    url: String,
+    url: Result<String, String>,
     source: Result<std::net::IpAddr, String>,
     greeting: bool,
     hold: Duration,
@@ -115,7 +120,7 @@ async fn one_session(
 ) {
     let began = Instant::now();
     let opened = async {
-        let mut ws = open(&url, source?, None).await?;
+        let mut ws = open(&url?, source?, None).await?;
         if greeting {
             await_greeting(&mut ws, Duration::from_secs(30)).await?;
         }

@@ -34,34 +34,38 @@ impl Scenario {
 /// Load generator for Herald and its peers. Templates take {user}, {users} (a JSON array),
 /// {ts} (send time, µs since the epoch) and {id} (message id); deliveries are recognised
 /// by the `"hb_t":` and `"hb_n":` numbers anywhere in a frame.
+///
+/// Every URL option may be given several times, one per node of a cluster: sessions go
+/// round-robin over the subscriber URLs (a user's sessions on consecutive nodes), publisher
+/// connection k sends to the (k mod n)-th publish URL.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "herald-bench", version)]
 pub struct Args {
     pub scenario: Scenario,
 
-    /// WebSocket URL of one subscriber.
+    /// WebSocket URL of one subscriber (repeatable: sessions go round-robin over them).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws/{user}")]
-    pub sub_url: String,
+    pub sub_url: Vec<String>,
     /// Subscriber URL for `broadcast` and `stalled` (for hubs whose broadcast is a shared channel).
     #[arg(long)]
-    pub broadcast_sub_url: Option<String>,
-    /// Publish URL for `unicast`.
+    pub broadcast_sub_url: Vec<String>,
+    /// Publish URL for `unicast` (repeatable: publisher connections go round-robin over them).
     #[arg(
         long,
         default_value = "http://127.0.0.1:8080/v1/users/{user}/notifications"
     )]
-    pub pub_url: String,
+    pub pub_url: Vec<String>,
     #[arg(long, default_value = r#"{"data":{"hb_t":{ts},"hb_n":{id}}}"#)]
     pub body: String,
     #[arg(long, default_value = "http://127.0.0.1:8080/v1/notifications")]
-    pub multicast_url: String,
+    pub multicast_url: Vec<String>,
     #[arg(
         long,
         default_value = r#"{"users":{users},"data":{"hb_t":{ts},"hb_n":{id}}}"#
     )]
     pub multicast_body: String,
     #[arg(long, default_value = "http://127.0.0.1:8080/v1/broadcast")]
-    pub broadcast_url: String,
+    pub broadcast_url: Vec<String>,
     #[arg(long, default_value = r#"{"data":{"hb_t":{ts},"hb_n":{id}}}"#)]
     pub broadcast_body: String,
     /// Extra publish header, `Name: value` (repeatable), e.g. `Authorization: Bearer KEY`.

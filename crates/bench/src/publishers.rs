@@ -33,8 +33,8 @@ pub enum Fanout {
 #[derive(Debug, Clone)]
 pub struct PublishPlan {
     pub fanout: Fanout,
-    /// `http://host:port/path` template.
-    pub url: String,
+    /// `http://host:port/path` templates; connection k sends to `urls[k % n]`.
+    pub urls: Vec<String>,
     pub body: String,
     pub headers: Vec<(String, String)>,
     pub user_prefix: String,
@@ -59,11 +59,29 @@ pub struct PublishResult {
     pub expected: Expected,
 }
 
+/// One publish endpoint: where to connect and the path to fill.
+struct Endpoint {
+    authority: String,
+    path: Template,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let path = if path.is_empty() { "/" } else { path };
+        Ok(Self {
+            authority: authority.to_string(),
+            path: Template::parse(path),
+        })
+    }
+}
+
 struct Shared {
     plan: PublishPlan,
-    path: Template,
     body: Template,
-    authority: String,
     next_id: AtomicU64,
     per_user: Vec<AtomicU64>,
     all: AtomicU64,
@@ -75,16 +93,16 @@ struct Shared {
 
 /// Runs the plan to its end and answers what the hub acknowledged.
 pub async fn publish(plan: PublishPlan) -> Result<PublishResult, String> {
-    let rest = plan
-        .url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{}: only http:// URLs are supported", plan.url))?;
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/" } else { path };
+    let endpoints = plan
+        .urls
+        .iter()
+        .map(|url| Endpoint::parse(url).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    if endpoints.is_empty() {
+        return Err("no publish URL".into());
+    }
     let shared = Arc::new(Shared {
-        path: Template::parse(path),
         body: Template::parse(&plan.body),
-        authority: authority.to_string(),
         next_id: AtomicU64::new(1),
         per_user: (0..plan.users).map(|_| AtomicU64::new(0)).collect(),
         all: AtomicU64::new(0),
@@ -95,7 +113,10 @@ pub async fn publish(plan: PublishPlan) -> Result<PublishResult, String> {
         plan,
     });
     let workers: Vec<_> = (0..shared.plan.connections.max(1))
-        .map(|_| tokio::spawn(connection_loop(shared.clone())))
+        .map(|k| {
+            let endpoint = endpoints[k % endpoints.len()].clone();
+            tokio::spawn(connection_loop(shared.clone(), endpoint))
+        })
         .collect();
     for worker in workers {
         let _ = worker.await;
@@ -142,7 +163,7 @@ async fn open(authority: &str) -> Result<Sender, String> {
     Ok(sender)
 }
 
-async fn connection_loop(shared: Arc<Shared>) {
+async fn connection_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
     let plan = &shared.plan;
     let end = shared.start + plan.duration;
     let mut sender: Option<Sender> = None;
@@ -169,7 +190,7 @@ async fn connection_loop(shared: Arc<Shared>) {
             }
         };
         pick_targets(plan, &mut targets);
-        let status = match send(&shared, &mut sender, &targets, ts, id).await {
+        let status = match send(&shared, &endpoint, &mut sender, &targets, ts, id).await {
             Ok(status) => status.to_string(),
             Err(e) => {
                 sender = None;
@@ -214,6 +235,7 @@ fn pick_targets(plan: &PublishPlan, targets: &mut Vec<usize>) {
 
 async fn send(
     shared: &Shared,
+    endpoint: &Endpoint,
     sender: &mut Option<Sender>,
     targets: &[usize],
     ts: u64,
@@ -239,8 +261,8 @@ async fn send(
         ts,
         id,
     };
-    let mut request = Request::post(shared.path.render(&fill))
-        .header(hyper::header::HOST, &shared.authority)
+    let mut request = Request::post(endpoint.path.render(&fill))
+        .header(hyper::header::HOST, &endpoint.authority)
         .header(hyper::header::CONTENT_TYPE, "application/json");
     for (name, value) in &plan.headers {
         request = request.header(name, value);
@@ -249,7 +271,7 @@ async fn send(
         .body(Full::new(Bytes::from(shared.body.render(&fill))))
         .map_err(|e| e.to_string())?;
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
-        *sender = Some(open(&shared.authority).await?);
+        *sender = Some(open(&endpoint.authority).await?);
     }
     let Some(conn) = sender.as_mut() else {
         return Err("no connection".into());

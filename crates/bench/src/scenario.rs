@@ -38,9 +38,10 @@ pub async fn run(args: &Args) -> Result<Report, BenchError> {
         .map_err(BenchError::Args)?;
     let users = args.users();
     let broadcasting = matches!(args.scenario, Scenario::Broadcast | Scenario::Stalled);
-    let sub_url = match (&args.broadcast_sub_url, broadcasting) {
-        (Some(url), true) => url.clone(),
-        _ => args.sub_url.clone(),
+    let sub_urls = if broadcasting && !args.broadcast_sub_url.is_empty() {
+        args.broadcast_sub_url.clone()
+    } else {
+        args.sub_url.clone()
     };
     let stalled = if args.scenario == Scenario::Stalled {
         args.stalled.min(args.sessions)
@@ -48,7 +49,7 @@ pub async fn run(args: &Args) -> Result<Report, BenchError> {
         0
     };
     let spec = GroupSpec {
-        url: sub_url.clone(),
+        urls: sub_urls.clone(),
         user_prefix: args.user_prefix.clone(),
         users,
         first: 0,
@@ -87,7 +88,7 @@ pub async fn run(args: &Args) -> Result<Report, BenchError> {
         Some((fanout, url, body)) => Some(
             publish(PublishPlan {
                 fanout,
-                url: url.clone(),
+                urls: url.clone(),
                 body: body.clone(),
                 headers,
                 user_prefix: args.user_prefix.clone(),
@@ -124,7 +125,7 @@ pub async fn run(args: &Args) -> Result<Report, BenchError> {
 
     let mut report = Report {
         scenario: args.scenario.name().into(),
-        subscribe_url: sub_url,
+        subscribe_url: sub_urls.join(" "),
         sessions: args.sessions,
         users,
         processes,
@@ -251,7 +252,7 @@ async fn run_churn(args: &Args) -> Result<Report, BenchError> {
     let baseline = sample(pids);
     let peak = PeakRss::start(pids.clone());
     let result = churn(ChurnPlan {
-        url: args.sub_url.clone(),
+        urls: args.sub_url.clone(),
         user_prefix: args.user_prefix.clone(),
         users: args.users(),
         rate,
@@ -268,7 +269,7 @@ async fn run_churn(args: &Args) -> Result<Report, BenchError> {
     let end = sample(pids);
     let mut report = Report {
         scenario: args.scenario.name().into(),
-        subscribe_url: args.sub_url.clone(),
+        subscribe_url: args.sub_url.join(" "),
         sessions: args.sessions,
         users: args.users(),
         processes: 1,

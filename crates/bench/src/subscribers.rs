@@ -21,8 +21,8 @@ use crate::template::{Fill, ID_KEY, TS_KEY, Template, probe_number};
 /// Which sessions a group holds and how it reaches the hub.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupSpec {
-    /// WebSocket URL template; `{user}` is the session's user.
-    pub url: String,
+    /// WebSocket URL templates; `{user}` is the session's user. Session i uses `urls[i % n]`.
+    pub urls: Vec<String>,
     pub user_prefix: String,
     pub users: usize,
     /// Global session indexes `[first, end)`; session i belongs to user `i % users`.
@@ -144,6 +144,18 @@ pub fn client_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
+/// Item `i mod n` of a list (sessions or publishers spread over nodes); None when it is empty.
+pub fn round_robin<T>(items: &[T], i: usize) -> Option<&T> {
+    items.get(i % items.len().max(1))
+}
+
+/// Where session `i` (user `i % users`, that user's `i / users`-th session) goes in a
+/// round-robin over nodes: a user's sessions land on consecutive nodes, whatever `users` is.
+pub fn node_slot(i: usize, users: usize) -> usize {
+    let users = users.max(1);
+    i % users + i / users
+}
+
 /// The loopback source address of session `i`.
 pub fn source_addr(base: u8, per_source: usize, i: usize) -> Result<IpAddr, String> {
     let octet = usize::from(base) + i / per_source.max(1);
@@ -244,18 +256,20 @@ impl Group {
         });
         let (stop, _) = watch::channel(false);
         let gate = Arc::new(Semaphore::new(spec.connect_concurrency.max(1)));
-        let url = Template::parse(&spec.url);
+        let urls: Vec<Template> = spec.urls.iter().map(|u| Template::parse(u)).collect();
         let started = Instant::now();
         let total = spec.end.saturating_sub(spec.first);
         let mut tasks = Vec::with_capacity(total);
         for i in spec.first..spec.end {
             let user = i % spec.users.max(1);
             let name = format!("{}{user}", spec.user_prefix);
-            let url = url.render(&Fill {
-                user: &name,
-                users: "",
-                ts: 0,
-                id: 0,
+            let url = round_robin(&urls, node_slot(i, spec.users)).map(|url| {
+                url.render(&Fill {
+                    user: &name,
+                    users: "",
+                    ts: 0,
+                    id: 0,
+                })
             });
             let session = SessionTask {
                 user,
@@ -348,7 +362,7 @@ struct SessionTask {
     user: usize,
     stalled: bool,
     source: Result<IpAddr, String>,
-    url: String,
+    url: Option<String>,
     greeting: bool,
     evict_wait: Duration,
     shared: Arc<Shared>,
@@ -429,7 +443,8 @@ impl SessionTask {
         let _permit = self.gate.acquire().await.map_err(|e| e.to_string())?;
         let source = self.source.clone()?;
         let recv = self.stalled.then_some(STALLED_RECV_BUFFER);
-        let mut ws = open(&self.url, source, recv).await?;
+        let url = self.url.as_deref().ok_or("no subscriber URL")?;
+        let mut ws = open(url, source, recv).await?;
         if self.greeting {
             await_greeting(&mut ws, Duration::from_secs(30)).await?;
         }
@@ -483,6 +498,17 @@ mod tests {
             "127.0.0.3"
         );
         assert!(source_addr(250, 1, 10).is_err());
+    }
+
+    #[test]
+    fn spreads_sessions_round_robin_over_nodes() {
+        let nodes = ["a", "b", "c"];
+        let picked: Vec<_> = (0..5).map(|i| *round_robin(&nodes, i).unwrap()).collect();
+        assert_eq!(picked, ["a", "b", "c", "a", "b"]);
+        assert!(round_robin::<&str>(&[], 3).is_none());
+        // 2 users with 2 sessions each over 2 nodes: each user gets one session per node.
+        let slots: Vec<_> = (0..4).map(|i| node_slot(i, 2) % 2).collect();
+        assert_eq!(slots, [0, 1, 1, 0]);
     }
 
     #[test]
