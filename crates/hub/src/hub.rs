@@ -164,7 +164,6 @@ impl Hub {
                 0
             }
         };
-        self.0.metrics.delivered(delivered);
         if let Some(key) = key {
             self.0
                 .store
@@ -209,7 +208,6 @@ impl Hub {
         let frame = protocol::broadcast_frame(&id, event.as_deref(), &data, &ts);
         let delivered = self.0.broker.broadcast(frame).await?;
         self.0.metrics.broadcast();
-        self.0.metrics.delivered(delivered);
         Ok(Broadcasted { id, delivered })
     }
 

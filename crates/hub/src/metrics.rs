@@ -70,7 +70,7 @@ impl Default for Metrics {
         );
         registry.register(
             "notifications_delivered",
-            "Frames handed to sessions (notifications and broadcasts)",
+            "Frames handed to this node's sessions (notifications and broadcasts)",
             delivered.clone(),
         );
         registry.register("broadcasts", "Broadcasts fanned out", broadcasts.clone());

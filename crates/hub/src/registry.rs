@@ -189,6 +189,8 @@ impl Handler<Deliver> for Registry {
             self.sessions -= dropped;
             self.publish_presence();
         }
+        // Counted where frames meet sessions: with several nodes, each counts its own.
+        self.metrics.delivered(handed);
         handed
     }
 }
@@ -211,6 +213,7 @@ impl Handler<Broadcast> for Registry {
             self.sessions -= dropped_total;
             self.publish_presence();
         }
+        self.metrics.delivered(total);
         total
     }
 }
@@ -594,6 +597,12 @@ mod tests {
             }
         );
         assert_eq!(hub.presence("dave").await, 0);
+        assert!(
+            hub.metrics
+                .encode()
+                .contains("herald_notifications_delivered_total 11\n"),
+            "the registry counts the frames it handed over: 6 + 5"
+        );
     }
 
     #[actix::test]
