@@ -236,17 +236,12 @@ async fn a_corrupt_store_stops_the_start_and_is_left_byte_identical() {
     let mut garbage = vec![0u8; 64 * 1024];
     rand::rng().fill_bytes(&mut garbage);
     std::fs::write(&file, &garbage).unwrap();
-    let before = snapshot(dir.path());
-
     // No configured secrets: a start that goes on to generate them must not get that far.
-    let exited = HeraldProcess::start_fails(dir.path(), &GENERATED_SECRETS);
-    assert!(matches!(exited.code, Some(c) if c != 0), "{exited:?}");
-    assert!(
-        exited.log.contains(&file.display().to_string()),
-        "the message names the file: {}",
-        exited.log
+    assert_refused_untouched(
+        dir.path(),
+        &GENERATED_SECRETS,
+        &[&file.display().to_string()],
     );
-    assert_eq!(snapshot(dir.path()), before, "the store folder was changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,16 +266,7 @@ async fn a_store_with_a_good_header_and_corrupt_pages_stops_the_start_untouched(
     assert!(bytes.len() > 3 * 4096, "the store has pages to corrupt");
     rand::rng().fill_bytes(&mut bytes[4096..]);
     std::fs::write(&file, &bytes).unwrap();
-    let before = snapshot(dir.path());
-
-    let exited = HeraldProcess::start_fails(dir.path(), &[]);
-    assert!(matches!(exited.code, Some(c) if c != 0), "{exited:?}");
-    assert!(
-        exited.log.contains(&file.display().to_string()),
-        "the message names the file: {}",
-        exited.log
-    );
-    assert_eq!(snapshot(dir.path()), before, "the store folder was changed");
+    assert_refused_untouched(dir.path(), &[], &[&file.display().to_string()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,16 +282,27 @@ async fn a_store_of_another_schema_version_stops_the_start_untouched() {
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[60..64].copy_from_slice(&99u32.to_be_bytes());
     std::fs::write(&file, &bytes).unwrap();
-    let before = snapshot(dir.path());
-
-    let exited = HeraldProcess::start_fails(dir.path(), &[]);
-    assert!(matches!(exited.code, Some(c) if c != 0), "{exited:?}");
-    assert!(
-        exited.log.contains(&file.display().to_string()) && exited.log.contains("version 99"),
-        "the message names the file and the version: {}",
-        exited.log
+    assert_refused_untouched(
+        dir.path(),
+        &[],
+        &[&file.display().to_string(), "version 99"],
     );
-    assert_eq!(snapshot(dir.path()), before, "the store folder was changed");
+}
+
+/// Starts Herald on `store`, which it must refuse: non-zero exit, every one of `named`
+/// in its log, and the store folder exactly as it was.
+fn assert_refused_untouched(store: &std::path::Path, env: &[(&str, &str)], named: &[&str]) {
+    let before = snapshot(store);
+    let exited = HeraldProcess::start_fails(store, env);
+    assert!(matches!(exited.code, Some(c) if c != 0), "{exited:?}");
+    for needle in named {
+        assert!(
+            exited.log.contains(needle),
+            "the message names {needle:?}: {}",
+            exited.log
+        );
+    }
+    assert_eq!(snapshot(store), before, "the store folder was changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
