@@ -501,19 +501,27 @@ async fn unknown_routes_wrong_methods_and_bad_queries() {
         let (status, body) = publisher.get(path).await;
         assert_error(path, status, &body, 404, "not_found");
     }
-    for (method, path) in [
-        ("DELETE", "/v1/users/alice/notifications"),
-        ("PUT", "/v1/users/alice/notifications"),
-        ("GET", "/v1/notifications"),
-        ("GET", "/v1/broadcast"),
-        ("GET", "/v1/tokens"),
-        ("POST", "/v1/users/alice/presence"),
-        ("POST", "/healthz"),
-        ("DELETE", "/metrics"),
-        ("POST", "/ws/alice"),
+    for (method, path, allow) in [
+        ("DELETE", "/v1/users/alice/notifications", "GET, POST"),
+        ("PUT", "/v1/users/alice/notifications", "GET, POST"),
+        ("GET", "/v1/notifications", "POST"),
+        ("GET", "/v1/broadcast", "POST"),
+        ("GET", "/v1/tokens", "POST"),
+        ("POST", "/v1/users/alice/presence", "GET"),
+        ("POST", "/healthz", "GET"),
+        ("DELETE", "/metrics", "GET"),
+        ("POST", "/ws/alice", "GET"),
     ] {
         let req = publisher.request(method.parse().unwrap(), path);
-        let (status, body) = publisher.send(req).await;
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        // HTTP requires a 405 to say which methods the resource does take.
+        let allowed = res
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(allowed.as_deref(), Some(allow), "{method} {path}");
+        let body = res.json().await.unwrap_or(serde_json::Value::Null);
         assert_error(
             &format!("{method} {path}"),
             status,

@@ -12,7 +12,7 @@ pub use tokens::{DEFAULT_TTL_SECS, rfc3339};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use actix_web::{HttpRequest, HttpResponse, Route, web};
+use actix_web::{HttpRequest, HttpResponse, Resource, web};
 use herald_hub::{Hub, UserId};
 
 use crate::auth::Auth;
@@ -38,52 +38,33 @@ impl AppState {
 const USER: &str = "{user:[^/]*}";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let resource = |path: String, route: Route| {
-        web::resource(path)
-            .route(route)
-            .default_service(web::to(method_not_allowed))
-    };
     cfg.service(
-        resource(
-            format!("/v1/users/{USER}/notifications"),
-            web::post().to(publish::to_user),
-        )
-        .route(web::get().to(state::history)),
+        resource(format!("/v1/users/{USER}/notifications"), "GET, POST")
+            .route(web::post().to(publish::to_user))
+            .route(web::get().to(state::history)),
     )
-    .service(resource(
-        "/v1/notifications".into(),
-        web::post().to(publish::to_users),
-    ))
-    .service(resource(
-        "/v1/broadcast".into(),
-        web::post().to(publish::broadcast),
-    ))
-    .service(resource(
-        format!("/v1/users/{USER}/presence"),
-        web::get().to(state::presence),
-    ))
-    .service(resource("/v1/tokens".into(), web::post().to(tokens::mint)))
-    .service(resource(
-        format!("/ws/{USER}"),
-        web::get().to(subscribe::upgrade),
-    ))
-    .service(resource("/healthz".into(), web::get().to(ops::healthz)))
-    .service(resource("/metrics".into(), web::get().to(ops::metrics)))
-    .service(resource(
-        "/herald.js".into(),
-        web::get().to(assets::herald_js),
-    ))
-    .service(resource(
-        "/herald.d.ts".into(),
-        web::get().to(assets::herald_d_ts),
-    ))
-    .service(resource("/".into(), web::get().to(assets::demo)))
-    .service(resource("/demo".into(), web::get().to(assets::demo)))
-    .service(resource(
-        "/demo/config".into(),
-        web::get().to(assets::demo_config),
-    ))
+    .service(resource("/v1/notifications", "POST").route(web::post().to(publish::to_users)))
+    .service(resource("/v1/broadcast", "POST").route(web::post().to(publish::broadcast)))
+    .service(
+        resource(format!("/v1/users/{USER}/presence"), "GET").route(web::get().to(state::presence)),
+    )
+    .service(resource("/v1/tokens", "POST").route(web::post().to(tokens::mint)))
+    .service(resource(format!("/ws/{USER}"), "GET").route(web::get().to(subscribe::upgrade)))
+    .service(resource("/healthz", "GET").route(web::get().to(ops::healthz)))
+    .service(resource("/metrics", "GET").route(web::get().to(ops::metrics)))
+    .service(resource("/herald.js", "GET").route(web::get().to(assets::herald_js)))
+    .service(resource("/herald.d.ts", "GET").route(web::get().to(assets::herald_d_ts)))
+    .service(resource("/", "GET").route(web::get().to(assets::demo)))
+    .service(resource("/demo", "GET").route(web::get().to(assets::demo)))
+    .service(resource("/demo/config", "GET").route(web::get().to(assets::demo_config)))
     .default_service(web::to(not_found));
+}
+
+/// A path whose other methods answer `405` with an `Allow` header listing `allow`.
+fn resource(path: impl Into<String>, allow: &'static str) -> Resource {
+    web::resource(path.into()).default_service(web::to(move || async move {
+        Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow })
+    }))
 }
 
 /// The `{user}` path segment, validated.
@@ -95,8 +76,4 @@ fn path_user(req: &HttpRequest) -> Result<UserId, ApiError> {
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
-}
-
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
 }
