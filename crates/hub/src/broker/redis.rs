@@ -179,9 +179,19 @@ impl Broker for RedisBroker {
         )
         .await
         .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-        self.shared
+        // Published means sent: failing now would make the publisher retry a broadcast
+        // that every node is already delivering (it has no idempotency key).
+        match self
+            .shared
             .count_live(self.shared.keys.node_sessions())
             .await
+        {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "broadcast sent; its delivered count is unknown (reported as 0)");
+                Ok(0)
+            }
+        }
     }
 
     async fn presence(&self, user: &UserId) -> Result<usize, BrokerError> {
