@@ -1,7 +1,7 @@
 //! Secrets for a secure first start: use the configured ones, or generate them once under `store.path`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rand::RngCore;
 
@@ -118,17 +118,17 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Where generated secrets live for these settings.
-pub fn secret_paths(settings: &Settings) -> [PathBuf; 2] {
-    [
-        settings.store.path.join(API_KEY_FILE),
-        settings.store.path.join(JWT_SECRET_FILE),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where generated secrets live for these settings.
+    fn secret_paths(settings: &Settings) -> [std::path::PathBuf; 2] {
+        [
+            settings.store.path.join(API_KEY_FILE),
+            settings.store.path.join(JWT_SECRET_FILE),
+        ]
+    }
 
     #[test]
     fn generates_once_with_owner_only_permissions_then_reuses() {

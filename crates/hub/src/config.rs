@@ -32,18 +32,3 @@ pub struct HubConfig {
     /// reads it from the store (publishes of one user can race each other).
     pub gap_wait: Duration,
 }
-
-impl HubConfig {
-    /// Small values for tests.
-    pub fn for_tests() -> Self {
-        Self {
-            heartbeat: Heartbeat {
-                interval: Duration::from_millis(100),
-                timeout: Duration::from_millis(300),
-            },
-            session_queue: 16,
-            max_frame_bytes: 4096,
-            gap_wait: Duration::from_millis(50),
-        }
-    }
-}
