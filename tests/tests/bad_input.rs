@@ -63,6 +63,19 @@ fn raw_request(method: &str, target: &str, headers: &str, body: &[u8]) -> Vec<u8
     req
 }
 
+/// A JSON POST whose body travels in 8 KiB chunks (no Content-Length).
+fn chunked_json_post(target: &str, body: &[u8]) -> Vec<u8> {
+    let mut chunked = Vec::new();
+    for chunk in body.chunks(8192) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let headers = "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n";
+    raw_request("POST", target, headers, &chunked)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_bodies_get_400_413_415_or_422() {
     let herald = Herald::start().await;
@@ -306,41 +319,13 @@ async fn oversized_bodies_are_refused_with_or_without_content_length() {
     witness.still_served(&herald, "content-length").await;
 
     // Chunked, so the size is only known while reading.
-    let mut chunked = Vec::new();
-    for chunk in body.as_bytes().chunks(8192) {
-        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-        chunked.extend_from_slice(chunk);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
-    let res = raw_http(
-        herald.addr,
-        &raw_request(
-            "POST",
-            path,
-            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
-            &chunked,
-        ),
-    )
-    .await;
+    let res = raw_http(herald.addr, &chunked_json_post(path, body.as_bytes())).await;
     assert_error("chunked", res.status, &res.json(), 413, "payload_too_large");
     witness.still_served(&herald, "chunked").await;
 
     // Chunked and within the limit is fine.
     let small = br#"{"data":"chunked ok"}"#;
-    let mut ok = format!("{:x}\r\n", small.len()).into_bytes();
-    ok.extend_from_slice(small);
-    ok.extend_from_slice(b"\r\n0\r\n\r\n");
-    let res = raw_http(
-        herald.addr,
-        &raw_request(
-            "POST",
-            path,
-            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
-            &ok,
-        ),
-    )
-    .await;
+    let res = raw_http(herald.addr, &chunked_json_post(path, small)).await;
     assert_eq!(res.status, 202, "{}", res.json());
 
     // Exactly at the limit is accepted.
