@@ -11,7 +11,8 @@
 //! - `error`: every HTTP error and its one JSON mapping.
 //! - `memory`: returns memory freed by closed sessions to the OS.
 //! - [`server`]: `run(listener, settings, shutdown)`, the whole server, callable from tests.
-//! - `socket`: the TCP connection under a request (TCP_USER_TIMEOUT, cutting a stalled peer).
+//! - `upgrade`: WebSocket upgrades, taken from the HTTP dispatcher and handed to the hub.
+//! - `socket`: kernel settings for a WebSocket's TCP connection.
 //! - `telemetry`: tracing setup.
 
 mod auth;
@@ -25,6 +26,7 @@ pub mod server;
 pub mod settings;
 mod socket;
 mod telemetry;
+mod upgrade;
 
 pub use auth::mint as mint_token;
 pub use server::{RunError, run};

@@ -5,7 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_web::{App, HttpServer, web};
+use actix_http::HttpService;
+use actix_server::Server;
+use actix_service::{IntoServiceFactory, ServiceFactoryExt, map_config};
+use actix_web::dev::AppConfig;
+use actix_web::{App, web};
 use herald_hub::Hub;
 use herald_hub::broker::{Broker, BrokerError, RedisBroker};
 use herald_hub::cluster::generate_node_id;
@@ -16,7 +20,7 @@ use crate::memory;
 use crate::routes::{self, AppState};
 use crate::secrets::{Secrets, SecretsError};
 use crate::settings::{EngineKind, Settings};
-use crate::socket;
+use crate::upgrade;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -59,22 +63,29 @@ pub async fn run(
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let addr = listener.local_addr()?;
     let stalled_peer_limit = Duration::from_millis(settings.heartbeat.timeout_ms);
-    let mut server = HttpServer::new(move || {
-        // No `NormalizePath`: it merges `//`, which turned the empty user id of
-        // `/v1/users//notifications` into a 404 where API.md wants `400 invalid_user_id`.
-        App::new()
-            .app_data(state.clone())
-            .configure(routes::configure)
-    })
-    .on_connect(move |conn, data| socket::on_connect(conn, data, stalled_peer_limit))
-    .disable_signals()
-    .shutdown_timeout(grace.as_secs().max(1))
-    // A peer that stopped reading must not hold a closed session's socket open.
-    .client_disconnect_timeout(Duration::from_secs(1));
+    let mut server = Server::build()
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs().max(1));
     if settings.server.workers > 0 {
         server = server.workers(settings.server.workers);
     }
-    let server = server.listen(listener)?.run();
+    // actix-web's `HttpServer` builds the same service, but has no way to take upgrades.
+    let server = server.listen("herald", listener, move || {
+        // No `NormalizePath`: it merges `//`, which turned the empty user id of
+        // `/v1/users//notifications` into a 404 where API.md wants `400 invalid_user_id`.
+        let app = App::new()
+            .app_data(state.clone())
+            .configure(routes::configure)
+            .into_factory()
+            .map_err(|e: actix_web::Error| e.error_response());
+        HttpService::build()
+            // A client that stopped reading must not hold a finished response's socket.
+            .client_disconnect_timeout(Duration::from_secs(1))
+            .upgrade(upgrade::service(state.clone(), stalled_peer_limit))
+            .finish(map_config(app, |_| AppConfig::default()))
+            .tcp()
+    })?;
+    let server = server.run();
     tracing::info!(%addr, "listening on {addr}");
     let handle = server.handle();
     let mut serving = actix_rt::spawn(server);

@@ -14,8 +14,9 @@ use crate::ids::{Seq, SessionId, SessionIds, UserId};
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::registry::{CloseAll, Registry, RegistryStats, Stats};
-use crate::session::{CutConnection, Session};
+use crate::session::Session;
 use crate::store::{Appended, Draft, Receipt, Store, StoreError, Stored};
+use crate::transport::Upgraded;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -241,17 +242,9 @@ impl Hub {
     }
 
     /// Starts a session actor for an upgraded socket. Call on the worker that owns the socket.
-    /// `cut` drops the connection when the session closes and the peer does not.
-    pub fn open_session(
-        &self,
-        user: UserId,
-        since: Option<Seq>,
-        ws: actix_ws::Session,
-        stream: actix_ws::MessageStream,
-        cut: Option<CutConnection>,
-    ) -> SessionId {
+    pub fn open_session(&self, user: UserId, since: Option<Seq>, upgraded: Upgraded) -> SessionId {
         let id = self.0.session_ids.next();
-        Session::start(self.clone(), id, user, since, ws, stream, cut);
+        Session::start(self.clone(), id, user, since, upgraded);
         id
     }
 

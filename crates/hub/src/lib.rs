@@ -1,6 +1,7 @@
 //! Herald's actor core: who is connected, what each user is owed, and getting it to them.
 //!
-//! No HTTP here: the gateway crate upgrades sockets and calls [`Hub`].
+//! No HTTP here: the gateway crate checks and upgrades a request, then hands the bare
+//! socket to [`Hub::open_session`].
 //!
 //! # Layout
 //!
@@ -9,6 +10,7 @@
 //! - [`config`]: the hub's validated tunables.
 //! - [`registry`]: the registry actor, user → sessions, and fan-out.
 //! - [`session`]: one actor per WebSocket (heartbeat, inbound, eviction) and its ordered writer.
+//! - [`transport`]: a WebSocket after its handshake: frames in and out of the bare socket.
 //! - [`store`]: durable per-user history behind the `Store` trait (SQLite by default, or Redis).
 //! - [`broker`]: fan-out behind the `Broker` trait (in-process by default, or Redis pub/sub).
 //! - [`cluster`]: what the Redis engine's store and broker share (keys, node id, bounded calls).
@@ -27,8 +29,9 @@ pub mod session;
 pub mod store;
 #[cfg(test)]
 mod test_redis;
+pub mod transport;
 
 pub use config::{Heartbeat, HubConfig, Retention};
 pub use hub::{Broadcasted, History, Hub, HubError, Publish, Published};
 pub use ids::{InvalidUserId, Seq, SessionId, UserId};
-pub use session::CutConnection;
+pub use transport::Upgraded;

@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::session::queue::{QueueSender, TrySendError};
 use actix::prelude::*;
 use bytestring::ByteString;
-use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::ids::{Seq, SessionId, UserId};
 use crate::metrics::Metrics;
@@ -18,7 +18,7 @@ use crate::session::{Evict, EvictReason, Outbound};
 pub struct SessionEntry {
     pub id: SessionId,
     /// The session's bounded outbound queue, drained by its writer.
-    pub outbound: mpsc::Sender<Outbound>,
+    pub outbound: QueueSender,
     /// Tells the session actor to close; the registry never knows the concrete session type.
     pub control: Recipient<Evict>,
 }
@@ -253,6 +253,8 @@ impl Handler<Stats> for Registry {
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::mpsc;
+
     use super::*;
     use crate::ids::SessionIds;
 
@@ -274,7 +276,7 @@ mod tests {
     /// The far side of one registered session: its outbound queue and its evictions.
     struct Peer {
         id: SessionId,
-        queue: mpsc::Receiver<Outbound>,
+        queue: crate::session::queue::QueueReceiver,
         evictions: mpsc::UnboundedReceiver<EvictReason>,
     }
 
@@ -343,7 +345,7 @@ mod tests {
 
         /// Registers a new session of `user` whose queue holds `capacity` items.
         async fn join(&self, user: &str, capacity: usize) -> Peer {
-            let (outbound, queue) = mpsc::channel(capacity);
+            let (outbound, queue) = crate::session::queue::channel(capacity);
             let (evicted, evictions) = mpsc::unbounded_channel();
             let control = Control(evicted).start().recipient();
             let id = self.ids.next();

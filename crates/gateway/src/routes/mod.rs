@@ -4,7 +4,7 @@ mod assets;
 mod ops;
 mod publish;
 mod state;
-mod subscribe;
+pub mod subscribe;
 mod tokens;
 
 pub use tokens::{DEFAULT_TTL_SECS, rfc3339};
@@ -49,7 +49,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         resource(format!("/v1/users/{USER}/presence"), "GET").route(web::get().to(state::presence)),
     )
     .service(resource("/v1/tokens", "POST").route(web::post().to(tokens::mint)))
-    .service(resource(format!("/ws/{USER}"), "GET").route(web::get().to(subscribe::upgrade)))
+    // WebSocket upgrades never come here: `crate::upgrade` takes them from the dispatcher.
+    .service(
+        resource(format!("/ws/{USER}"), "GET").route(web::get().to(subscribe::without_upgrade)),
+    )
     .service(resource("/healthz", "GET").route(web::get().to(ops::healthz)))
     .service(resource("/metrics", "GET").route(web::get().to(ops::metrics)))
     .service(resource("/herald.js", "GET").route(web::get().to(assets::herald_js)))

@@ -1,10 +1,10 @@
-//! `GET /ws/{user}?token=&since=`: checks the subscriber, then upgrades and hands the socket to the hub.
+//! `GET /ws/{user}?token=&since=`: who may subscribe. The upgrade itself is `crate::upgrade`'s.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use herald_hub::Seq;
+use herald_hub::{Seq, UserId};
 use serde::Deserialize;
 
-use super::{AppState, path_user};
+use super::AppState;
 use crate::error::ApiError;
 
 #[derive(Deserialize)]
@@ -13,13 +13,17 @@ struct SubscribeQuery {
     since: Option<Seq>,
 }
 
-pub async fn upgrade(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let user = path_user(&req)?;
-    let query = web::Query::<SubscribeQuery>::from_query(req.query_string())
+/// A subscribe request that passed every check.
+pub struct Subscription {
+    pub user: UserId,
+    pub since: Option<Seq>,
+}
+
+/// Checks a subscribe request: the user id (decoded), the query, the token, and that
+/// this node still takes sessions. Upgrades and plain GETs answer the same errors.
+pub fn check(state: &AppState, user: &str, query: &str) -> Result<Subscription, ApiError> {
+    let user = UserId::parse(user)?;
+    let query = web::Query::<SubscribeQuery>::from_query(query)
         .map_err(|e| ApiError::InvalidQuery(e.to_string()))?;
     state.auth.check_subscriber(&user, query.token.as_deref())?;
     if state.is_shutting_down() {
@@ -27,12 +31,19 @@ pub async fn upgrade(
             "Herald is shutting down; reconnect to another node or retry".into(),
         ));
     }
-    let (response, ws, stream) =
-        actix_ws::handle(&req, payload).map_err(|_| ApiError::NotWebSocket)?;
-    let cut = crate::socket::cutter(&req);
-    let session = state
-        .hub
-        .open_session(user.clone(), query.since, ws, stream, cut);
-    tracing::debug!(user = %user, session = %session, since = ?query.since, "subscribed");
-    Ok(response)
+    Ok(Subscription {
+        user,
+        since: query.since,
+    })
+}
+
+/// A GET without the WebSocket upgrade headers (upgrades never reach actix-web's routes):
+/// checked like an upgrade, then refused.
+pub async fn without_upgrade(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let user = req.match_info().get("user").unwrap_or_default();
+    check(&state, user, req.query_string())?;
+    Err(ApiError::NotWebSocket)
 }

@@ -3,16 +3,16 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, CloseReason, ProtocolError};
-use tokio::sync::mpsc;
 
+use super::queue::{self, QueueReceiver, QueueSender, TrySendError};
 use super::writer::{Writer, WriterError};
-use super::{CutConnection, Evict, EvictReason, Outbound};
+use super::{Evict, EvictReason, Outbound};
 use crate::broker::BrokerError;
 use crate::hub::Hub;
 use crate::ids::{Seq, SessionId, UserId};
 use crate::protocol::{self, ClientFrame, CloseCode, HeartbeatInfo};
 use crate::registry::{Join, Leave, SessionEntry};
+use crate::transport::{FrameSink, InboundError, InboundFrame, Socket, Upgraded};
 
 #[derive(Debug, thiserror::Error)]
 enum JoinError {
@@ -30,56 +30,47 @@ pub struct Session {
     user: UserId,
     since: Option<Seq>,
     hub: Hub,
-    ws: actix_ws::Session,
-    outbound: mpsc::Sender<Outbound>,
+    outbound: QueueSender,
     /// Taken by the writer once the session has joined the registry.
-    queue: Option<mpsc::Receiver<Outbound>>,
+    queue: Option<(QueueReceiver, FrameSink)>,
     /// When the peer last sent anything at all: the heartbeat's only input.
     last_seen: Instant,
     writer: Option<SpawnHandle>,
-    closing: bool,
-    /// Used once the close frame had its grace, so a stalled peer cannot keep the socket.
-    cut: Option<CutConnection>,
+    /// Taken by `close`, which sends the close frame and then closes the socket.
+    socket: Option<Socket>,
 }
 
 impl Session {
-    /// Starts the actor for an upgraded socket; `stream` is the peer's inbound half.
+    /// Starts the actor for an upgraded socket, on the current thread (the socket's).
     pub fn start(
         hub: Hub,
         id: SessionId,
         user: UserId,
         since: Option<Seq>,
-        ws: actix_ws::Session,
-        stream: actix_ws::MessageStream,
-        cut: Option<CutConnection>,
+        upgraded: Upgraded,
     ) -> Addr<Self> {
         let config = hub.config();
-        let (outbound, queue) = mpsc::channel(config.session_queue);
-        let stream = stream
-            .max_frame_size(config.max_frame_bytes)
-            .aggregate_continuations()
-            .max_continuation_size(config.max_frame_bytes);
+        let (outbound, queue) = queue::channel(config.session_queue);
+        let transport = upgraded.into_transport(config.max_frame_bytes);
         Session::create(move |ctx| {
-            ctx.add_stream(stream);
+            ctx.add_stream(transport.inbound);
             Session {
                 id,
                 user,
                 since,
                 hub,
-                ws,
                 outbound,
-                queue: Some(queue),
+                queue: Some((queue, transport.sink)),
                 last_seen: Instant::now(),
                 writer: None,
-                closing: false,
-                cut,
+                socket: Some(transport.socket),
             }
         })
     }
 
     /// Queues a reply to the peer; a full queue means the peer is not reading.
     fn reply(&mut self, ctx: &mut Context<Self>, item: Outbound) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.outbound.try_send(item) {
+        if let Err(TrySendError::Full(_)) = self.outbound.try_send(item) {
             self.evict(ctx, EvictReason::SlowConsumer);
         }
     }
@@ -94,7 +85,7 @@ impl Session {
     }
 
     fn evict(&mut self, ctx: &mut Context<Self>, reason: EvictReason) {
-        if self.closing {
+        if self.socket.is_none() {
             return;
         }
         tracing::info!(user = %self.user, session = %self.id, reason = reason.as_str(), "session evicted");
@@ -104,40 +95,26 @@ impl Session {
 
     /// Stops writing, sends a close frame (best effort when the peer stopped reading) and stops.
     fn close(&mut self, ctx: &mut Context<Self>, code: CloseCode) {
-        if self.closing {
+        let Some(socket) = self.socket.take() else {
             return;
-        }
-        self.closing = true;
+        };
         // Queued frames are dropped: a client resumes with `since` and loses nothing.
         if let Some(writer) = self.writer.take() {
             ctx.cancel_future(writer);
         }
-        let ws = self.ws.clone();
-        let reason = CloseReason {
-            code: code.code().into(),
-            description: None,
-        };
-        let cut = self.cut.take();
-        actix_rt::spawn(async move {
-            let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
-            let _ = tokio::time::timeout_at(deadline, ws.close(Some(reason))).await;
-            // A peer that reads has the close frame by now and has hung up or will;
-            // one that stopped reading would otherwise hold the socket indefinitely.
-            if let Some(cut) = cut {
-                tokio::time::sleep_until(deadline).await;
-                cut();
-            }
-        });
+        self.queue = None;
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        actix_rt::spawn(socket.close(code.code(), deadline));
         ctx.stop();
     }
 
     fn start_writer(&mut self, ctx: &mut Context<Self>) {
-        let Some(queue) = self.queue.take() else {
+        let Some((queue, sink)) = self.queue.take() else {
             return;
         };
         let config = self.hub.config();
         let writer = Writer {
-            ws: self.ws.clone(),
+            sink,
             queue,
             store: self.hub.store(),
             user: self.user.clone(),
@@ -148,11 +125,13 @@ impl Session {
                 timeout_ms: config.heartbeat.timeout.as_millis() as u64,
             },
             gap_wait: config.gap_wait,
+            capacity: config.session_queue,
         };
         let handle = ctx.spawn(writer.run().into_actor(self).map(|result, act, ctx| {
             act.writer = None;
             match result {
                 Ok(()) | Err(WriterError::PeerGone) => ctx.stop(),
+                Err(WriterError::Overflow) => act.evict(ctx, EvictReason::SlowConsumer),
                 Err(WriterError::Store(e)) => {
                     tracing::error!(user = %act.user, session = %act.id, error = %e, "session closed: store unavailable");
                     act.close(ctx, CloseCode::GoingAway);
@@ -209,42 +188,47 @@ impl Actor for Session {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
+impl StreamHandler<Result<InboundFrame, InboundError>> for Session {
     /// Every inbound frame proves the peer alive; text frames may be app-level pings.
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Self::Context) {
+    fn handle(&mut self, item: Result<InboundFrame, InboundError>, ctx: &mut Self::Context) {
         self.last_seen = Instant::now();
         match item {
-            Ok(AggregatedMessage::Text(text)) => match ClientFrame::parse(&text) {
-                Ok(ClientFrame::Ping) => self.reply(ctx, Outbound::Frame(protocol::pong_frame())),
-                Err(bad) => self.reply(
-                    ctx,
-                    Outbound::Frame(protocol::error_frame("bad_frame", &bad.to_string())),
-                ),
+            Ok(InboundFrame::Text(text)) => match std::str::from_utf8(&text) {
+                Ok(text) => match ClientFrame::parse(text) {
+                    Ok(ClientFrame::Ping) => {
+                        self.reply(ctx, Outbound::Frame(protocol::pong_frame()))
+                    }
+                    Err(bad) => self.reply(
+                        ctx,
+                        Outbound::Frame(protocol::error_frame("bad_frame", &bad.to_string())),
+                    ),
+                },
+                // RFC 6455 §8.1: text that is not UTF-8 fails the connection.
+                Err(_) => self.evict(ctx, EvictReason::ProtocolError),
             },
-            Ok(AggregatedMessage::Binary(_)) => self.reply(
+            Ok(InboundFrame::Binary) => self.reply(
                 ctx,
                 Outbound::Frame(protocol::error_frame(
                     "bad_frame",
                     "binary frames are not supported",
                 )),
             ),
-            Ok(AggregatedMessage::Ping(payload)) => self.reply(ctx, Outbound::Pong(payload)),
-            Ok(AggregatedMessage::Pong(_)) => {}
-            Ok(AggregatedMessage::Close(_)) => self.close(ctx, CloseCode::Normal),
-            Err(ProtocolError::Overflow) => self.evict(ctx, EvictReason::FrameTooBig),
-            // A message over the limit in fragments is just as big, but actix-ws's aggregator
-            // reports it only as an `Io` error with this text; without this arm it closed 1002.
-            Err(ProtocolError::Io(e)) if e.to_string().contains("maximum continuation size") => {
-                self.evict(ctx, EvictReason::FrameTooBig)
-            }
-            Err(e) => {
+            Ok(InboundFrame::Ping(payload)) => self.reply(ctx, Outbound::Pong(payload)),
+            Ok(InboundFrame::Pong) => {}
+            Ok(InboundFrame::Close(_)) => self.close(ctx, CloseCode::Normal),
+            Err(InboundError::TooBig(_)) => self.evict(ctx, EvictReason::FrameTooBig),
+            Err(InboundError::Protocol(e)) => {
                 tracing::debug!(user = %self.user, session = %self.id, error = %e, "protocol error");
                 self.evict(ctx, EvictReason::ProtocolError);
+            }
+            Err(InboundError::Io(e)) => {
+                tracing::debug!(user = %self.user, session = %self.id, error = %e, "connection failed");
+                ctx.stop();
             }
         }
     }
 
-    /// The peer's half closed (TCP gone): nothing left to say.
+    /// The peer hung up: nothing left to say.
     fn finished(&mut self, ctx: &mut Self::Context) {
         ctx.stop();
     }

@@ -1,6 +1,7 @@
 //! One WebSocket session: the actor that keeps the peer alive and the writer that feeds it in seq order.
 
 mod actor;
+pub mod queue;
 mod writer;
 
 pub use actor::Session;
@@ -24,12 +25,6 @@ pub enum Outbound {
     /// A WebSocket Pong answering the peer's Ping.
     Pong(Bytes),
 }
-
-/// Drops the connection under a session at once, whatever is still unsent (the
-/// gateway's: the hub knows no sockets). A peer that stopped reading never takes the
-/// close frame, and the HTTP server would otherwise hold its socket to flush to it
-/// for as long as the peer stays connected.
-pub type CutConnection = Box<dyn FnOnce() + Send>;
 
 /// Why the server closed a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

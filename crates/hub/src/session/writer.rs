@@ -11,13 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytestring::ByteString;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::Outbound;
+use super::queue::{QueueReceiver, TryRecvError};
 use crate::ids::{Seq, SessionId, UserId};
 use crate::protocol::{self, HeartbeatInfo};
 use crate::store::{Store, StoreError};
+use crate::transport::FLUSH_AT;
+use crate::transport::{FrameSink, PeerGone};
 
 /// Notifications read from the store per query during replay and gap fill.
 const PAGE: usize = 500;
@@ -28,23 +30,27 @@ pub(crate) enum WriterError {
     PeerGone,
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("more than a queue's worth of control frames arrived during the replay")]
+    Overflow,
 }
 
-impl From<actix_ws::Closed> for WriterError {
-    fn from(_: actix_ws::Closed) -> Self {
+impl From<PeerGone> for WriterError {
+    fn from(_: PeerGone) -> Self {
         Self::PeerGone
     }
 }
 
 pub(crate) struct Writer {
-    pub ws: actix_ws::Session,
-    pub queue: mpsc::Receiver<Outbound>,
+    pub sink: FrameSink,
+    pub queue: QueueReceiver,
     pub store: Arc<dyn Store>,
     pub user: UserId,
     pub session: SessionId,
     pub since: Option<Seq>,
     pub heartbeat: HeartbeatInfo,
     pub gap_wait: Duration,
+    /// The queue's capacity: also the bound on control frames held during a replay.
+    pub capacity: usize,
 }
 
 impl Writer {
@@ -54,8 +60,19 @@ impl Writer {
         let mut early: BTreeMap<Seq, ByteString> = BTreeMap::new();
         let mut gap_deadline: Option<Instant> = None;
         loop {
-            let item = match gap_deadline {
-                Some(deadline) => tokio::select! {
+            // Whatever is queued already goes out in one write; the flush comes only
+            // when the queue is empty (or the batch full), right before waiting for more.
+            let ready = match self.queue.try_recv() {
+                Ok(item) => Some(item),
+                Err(TryRecvError::Disconnected) => return Ok(()),
+                Err(TryRecvError::Empty) => {
+                    self.sink.flush().await?;
+                    None
+                }
+            };
+            let item = match (ready, gap_deadline) {
+                (Some(item), _) => Some(item),
+                (None, Some(deadline)) => tokio::select! {
                     item = self.queue.recv() => item,
                     () = tokio::time::sleep_until(deadline) => {
                         cursor = self.fill_gap(cursor, &mut early).await?;
@@ -63,7 +80,7 @@ impl Writer {
                         continue;
                     }
                 },
-                None => self.queue.recv().await,
+                (None, None) => self.queue.recv().await,
             };
             let Some(item) = item else { return Ok(()) };
             match item {
@@ -76,27 +93,38 @@ impl Writer {
                         gap_deadline.get_or_insert_with(|| Instant::now() + self.gap_wait);
                         continue;
                     }
-                    self.ws.text(frame).await?;
+                    self.push(frame).await?;
                     cursor = self.send_contiguous(seq, &mut early).await?;
                     if early.is_empty() {
                         gap_deadline = None;
                     }
                 }
-                other => self.send_other(other).await?,
+                other => self.queue_other(other),
+            }
+            if self.sink.queued() >= FLUSH_AT {
+                self.sink.flush().await?;
             }
         }
     }
 
-    /// Sends an item that is not a notification, as it comes.
-    async fn send_other(&mut self, item: Outbound) -> Result<(), WriterError> {
+    /// Queues a text frame; writes the batch once it is full.
+    async fn push(&mut self, frame: ByteString) -> Result<(), WriterError> {
+        self.sink.queue_text(frame.into_bytes());
+        if self.sink.queued() >= FLUSH_AT {
+            self.sink.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Queues an item that is not a notification, as it comes.
+    fn queue_other(&mut self, item: Outbound) {
         match item {
-            Outbound::Frame(frame) => self.ws.text(frame).await?,
-            Outbound::Ping => self.ws.ping(b"").await?,
-            Outbound::Pong(payload) => self.ws.pong(&payload).await?,
+            Outbound::Frame(frame) => self.sink.queue_text(frame.into_bytes()),
+            Outbound::Ping => self.sink.queue_ping(),
+            Outbound::Pong(payload) => self.sink.queue_pong(payload),
             // Only the callers' own loops handle notifications.
             Outbound::Notification { .. } => {}
         }
-        Ok(())
     }
 
     /// Sends `hello`, then with `since` every stored notification after it; answers the cursor.
@@ -105,16 +133,21 @@ impl Writer {
     /// start. Left there during a replay, they overflow the queue of a busy user's session
     /// and get a healthy peer evicted as a slow consumer, even before its `hello`. Every
     /// live notification is in the store before it is fanned out, so until the replay is
-    /// done the queue is drained while the work goes on (see `draining`), and the replay
-    /// reads on until it has passed the newest live seq it dropped. A live-only session
-    /// keeps its queue: its `hello` is one short read away.
+    /// done the queue is drained while the work goes on (see [`Replay::drain_while`]), and
+    /// the replay reads on until it has passed the newest live seq it dropped. A live-only
+    /// session keeps its queue: its `hello` is one short read away.
     async fn hello_and_replay(&mut self) -> Result<Seq, WriterError> {
-        let mut newest_live = 0;
+        let mut replay = Replay {
+            newest_live: 0,
+            held: Vec::new(),
+            capacity: self.capacity,
+        };
         let (store, user) = (Arc::clone(&self.store), self.user.clone());
         let head = match self.since {
             None => store.head(&user).await?,
             Some(_) => {
-                self.draining(async move { store.head(&user).await }, &mut newest_live)
+                replay
+                    .drain_while(&mut self.queue, async move { store.head(&user).await })
                     .await??
             }
         };
@@ -134,79 +167,34 @@ impl Writer {
         )
         .encode();
         if self.since.is_none() {
-            self.ws.text(hello).await?;
+            self.sink.send_text(hello.into_bytes()).await?;
             return Ok(cursor);
         }
-        self.send_draining(hello, &mut newest_live).await?;
+        self.sink.queue_text(hello.into_bytes());
         if recovered == Some(false) {
             tracing::info!(user = %self.user, session = %self.session, since = ?self.since, first_seq = head.first_seq, "resume older than retention");
         }
         loop {
+            replay
+                .drain_while(&mut self.queue, self.sink.flush())
+                .await??;
             let (store, user) = (Arc::clone(&self.store), self.user.clone());
             let read = async move { store.read(&user, cursor, PAGE).await };
-            let page = self.draining(read, &mut newest_live).await??;
+            let page = replay.drain_while(&mut self.queue, read).await??;
             let (full, empty) = (page.len() == PAGE, page.is_empty());
             for stored in page {
-                self.send_draining(stored.frame, &mut newest_live).await?;
+                self.sink.queue_text(stored.frame.into_bytes());
                 cursor = stored.seq;
             }
             // Empty: retention took what was seen live; the live loop's gap fill handles it.
-            if empty || (!full && newest_live <= cursor) {
+            if empty || (!full && replay.newest_live <= cursor) {
                 break;
             }
         }
+        for item in replay.held {
+            self.queue_other(item);
+        }
         Ok(cursor)
-    }
-
-    /// Sends one text frame during the replay, draining the queue meanwhile.
-    async fn send_draining(
-        &mut self,
-        frame: ByteString,
-        newest_live: &mut Seq,
-    ) -> Result<(), WriterError> {
-        let mut ws = self.ws.clone();
-        Ok(self
-            .draining(async move { ws.text(frame).await }, newest_live)
-            .await??)
-    }
-
-    /// Runs `work` (which must not borrow the writer) while emptying the queue.
-    async fn draining<T>(
-        &mut self,
-        work: impl Future<Output = T>,
-        newest_live: &mut Seq,
-    ) -> Result<T, WriterError> {
-        tokio::pin!(work);
-        let out = loop {
-            tokio::select! {
-                biased;
-                out = &mut work => break out,
-                item = self.queue.recv() => match item {
-                    Some(item) => self.take_during_replay(item, newest_live).await?,
-                    None => return Err(WriterError::PeerGone),
-                },
-            }
-        };
-        // Work that is ready at once never lets the select look at the queue, and a page
-        // of sends that all are can outrun a small queue.
-        while let Ok(item) = self.queue.try_recv() {
-            self.take_during_replay(item, newest_live).await?;
-        }
-        Ok(out)
-    }
-
-    /// During the replay: sends what is not a notification; drops a notification (the
-    /// replay reads it from the store) and remembers the newest seq dropped.
-    async fn take_during_replay(
-        &mut self,
-        item: Outbound,
-        newest_live: &mut Seq,
-    ) -> Result<(), WriterError> {
-        match item {
-            Outbound::Notification { seq, .. } => *newest_live = (*newest_live).max(seq),
-            other => self.send_other(other).await?,
-        }
-        Ok(())
     }
 
     /// After sending `cursor`, sends every held seq that now follows on.
@@ -221,7 +209,7 @@ impl Writer {
             }
             let (seq, frame) = entry.remove_entry();
             if seq == cursor + 1 {
-                self.ws.text(frame).await?;
+                self.push(frame).await?;
                 cursor = seq;
             }
         }
@@ -244,7 +232,7 @@ impl Writer {
                 break;
             };
             for stored in page.into_iter().filter(|s| s.seq < first_early) {
-                self.ws.text(stored.frame).await?;
+                self.push(stored.frame).await?;
             }
             cursor = last.min(first_early - 1);
         }
@@ -253,5 +241,52 @@ impl Writer {
             cursor = first_early - 1;
         }
         self.send_contiguous(cursor, early).await
+    }
+}
+
+/// What a replay keeps while it drains the live queue.
+struct Replay {
+    /// The newest live seq dropped: the replay reads at least this far.
+    newest_live: Seq,
+    /// Frames that are not notifications (pongs, pings, errors), sent after the replay.
+    held: Vec<Outbound>,
+    capacity: usize,
+}
+
+impl Replay {
+    /// Runs `work` while emptying the queue: a notification is dropped (the replay reads
+    /// it from the store), anything else is held for after the replay.
+    async fn drain_while<T>(
+        &mut self,
+        queue: &mut QueueReceiver,
+        work: impl Future<Output = T>,
+    ) -> Result<T, WriterError> {
+        tokio::pin!(work);
+        let out = loop {
+            tokio::select! {
+                biased;
+                out = &mut work => break out,
+                item = queue.recv() => match item {
+                    Some(item) => self.take(item)?,
+                    None => return Err(WriterError::PeerGone),
+                },
+            }
+        };
+        // Work that is ready at once never lets the select look at the queue, and a page
+        // of sends that all are can outrun a small queue.
+        while let Ok(item) = queue.try_recv() {
+            self.take(item)?;
+        }
+        Ok(out)
+    }
+
+    fn take(&mut self, item: Outbound) -> Result<(), WriterError> {
+        match item {
+            Outbound::Notification { seq, .. } => self.newest_live = self.newest_live.max(seq),
+            // A peer that floods pings during a replay is held to the queue's bound.
+            _ if self.held.len() >= self.capacity => return Err(WriterError::Overflow),
+            other => self.held.push(other),
+        }
+        Ok(())
     }
 }

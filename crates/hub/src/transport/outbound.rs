@@ -1,0 +1,172 @@
+//! Frames to the peer: payloads written from the shared bytes, headers from the stack, queued frames in one `writev`.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+const FIN: u8 = 0x80;
+
+/// Frames per `writev`: two slices each, well under the kernel's IOV_MAX of 1024.
+const MAX_BATCH: usize = 64;
+
+/// Frames queued beyond this are written before more are queued.
+pub const FLUSH_AT: usize = MAX_BATCH;
+
+/// A queue that grew past this many frames is given back once it is written.
+const KEEP_CAPACITY: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the peer is gone")]
+pub struct PeerGone;
+
+/// A server frame header: server frames are never masked, so it is the same for every
+/// session that gets the payload.
+#[derive(Clone, Copy)]
+struct Header {
+    bytes: [u8; 10],
+    len: u8,
+}
+
+impl Header {
+    fn new(opcode: u8, payload_len: usize) -> Self {
+        let mut bytes = [0u8; 10];
+        bytes[0] = FIN | opcode;
+        let len = if payload_len < 126 {
+            bytes[1] = payload_len as u8;
+            2
+        } else if let Ok(short) = u16::try_from(payload_len) {
+            bytes[1] = 126;
+            bytes[2..4].copy_from_slice(&short.to_be_bytes());
+            4
+        } else {
+            bytes[1] = 127;
+            bytes[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+            10
+        };
+        Self { bytes, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+struct Frame {
+    header: Header,
+    payload: Bytes,
+}
+
+impl Frame {
+    fn len(&self) -> usize {
+        usize::from(self.header.len) + self.payload.len()
+    }
+}
+
+/// Writes one session's frames, in order. Frames are queued, then `flush` writes them.
+pub struct FrameSink {
+    io: Rc<TcpStream>,
+    queued: VecDeque<Frame>,
+    /// How much of the first queued frame is on the wire already.
+    written: usize,
+    torn: Rc<Cell<bool>>,
+}
+
+impl FrameSink {
+    pub(crate) fn new(io: Rc<TcpStream>, torn: Rc<Cell<bool>>) -> Self {
+        Self {
+            io,
+            queued: VecDeque::new(),
+            written: 0,
+            torn,
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    pub fn queue_text(&mut self, payload: Bytes) {
+        self.queue(OP_TEXT, payload);
+    }
+
+    pub fn queue_ping(&mut self) {
+        self.queue(OP_PING, Bytes::new());
+    }
+
+    pub fn queue_pong(&mut self, payload: Bytes) {
+        self.queue(OP_PONG, payload);
+    }
+
+    pub(crate) fn queue_close(&mut self, code: u16) {
+        self.queue(OP_CLOSE, Bytes::copy_from_slice(&code.to_be_bytes()));
+    }
+
+    fn queue(&mut self, opcode: u8, payload: Bytes) {
+        let header = Header::new(opcode, payload.len());
+        self.queued.push_back(Frame { header, payload });
+    }
+
+    /// Queues a text frame and sends it with everything queued before it.
+    pub async fn send_text(&mut self, payload: Bytes) -> Result<(), PeerGone> {
+        self.queue_text(payload);
+        self.flush().await
+    }
+
+    /// Writes every queued frame; waits while the peer's receive window is full.
+    pub async fn flush(&mut self) -> Result<(), PeerGone> {
+        while !self.queued.is_empty() {
+            match self.write_some() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.io.writable().await.map_err(|_| PeerGone)?;
+                }
+                Err(_) => return Err(PeerGone),
+            }
+        }
+        if self.queued.capacity() > KEEP_CAPACITY {
+            self.queued = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// One `writev` of up to `MAX_BATCH` queued frames.
+    fn write_some(&mut self) -> io::Result<()> {
+        let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
+        let mut count = 0;
+        let mut skip = self.written;
+        for frame in self.queued.iter().take(MAX_BATCH) {
+            for part in [frame.header.as_slice(), &frame.payload[..]] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                slices[count] = IoSlice::new(&part[skip..]);
+                skip = 0;
+                count += 1;
+            }
+        }
+        let mut n = self.io.try_write_vectored(&slices[..count])?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        n += self.written;
+        while let Some(front) = self.queued.front() {
+            if n < front.len() {
+                break;
+            }
+            n -= front.len();
+            self.queued.pop_front();
+        }
+        self.written = n;
+        self.torn.set(n > 0);
+        Ok(())
+    }
+}
