@@ -32,7 +32,7 @@ const DEFAULTS = {
 };
 
 // Used until `hello` announces the server's settings.
-const FALLBACK_HEARTBEAT = { intervalMs: 10000, timeoutMs: 30000 };
+const FALLBACK_HEARTBEAT = { intervalMs: 20000, timeoutMs: 45000 };
 
 const PING = '{"type":"ping"}';
 

@@ -70,8 +70,8 @@ pub struct HeartbeatSettings {
 impl Default for HeartbeatSettings {
     fn default() -> Self {
         Self {
-            interval_ms: 10_000,
-            timeout_ms: 30_000,
+            interval_ms: 20_000,
+            timeout_ms: 45_000,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The session actor: joins the registry, runs the heartbeat, reads the peer, and closes with the right code.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -84,6 +85,17 @@ impl Session {
         }
     }
 
+    /// Heartbeat ticks fall on a grid shared by every session of the process, so one
+    /// timer wake-up serves all the sessions due in that slot (and their pongs come
+    /// back together), rather than every session waking its thread on its own.
+    fn start_heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let interval = self.hub.config().heartbeat.interval;
+        ctx.run_later(until_next_slot(interval), move |act, ctx| {
+            act.heartbeat(ctx);
+            ctx.run_interval(interval, |act, ctx| act.heartbeat(ctx));
+        });
+    }
+
     fn evict(&mut self, ctx: &mut Context<Self>, reason: EvictReason) {
         if self.socket.is_none() {
             return;
@@ -142,14 +154,26 @@ impl Session {
     }
 }
 
+/// How far the heartbeat grid's slots are apart, at most.
+const HEARTBEAT_SLOT: Duration = Duration::from_secs(1);
+
+/// The wait from now to the first heartbeat slot at least `interval` away.
+fn until_next_slot(interval: Duration) -> Duration {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let slot = HEARTBEAT_SLOT.min(interval).as_nanos().max(1);
+    let now = Instant::now();
+    let since_epoch = now.duration_since(*EPOCH.get_or_init(|| now)) + interval;
+    let late = since_epoch.as_nanos() % slot;
+    // Below one slot, so it fits.
+    interval + Duration::from_nanos(((slot - late) % slot) as u64)
+}
+
 impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         tracing::debug!(user = %self.user, session = %self.id, "session started");
-        ctx.run_interval(self.hub.config().heartbeat.interval, |act, ctx| {
-            act.heartbeat(ctx)
-        });
+        self.start_heartbeat(ctx);
         let join = Join {
             user: self.user.clone(),
             entry: SessionEntry {

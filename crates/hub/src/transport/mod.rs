@@ -98,3 +98,155 @@ impl Socket {
         let _ = socket2::SockRef::from(&*self.io).set_linger(Some(std::time::Duration::ZERO));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const MAX: usize = 1024;
+
+    /// A client frame as browsers send it: masked, FIN set or not.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [7u8, 1, 9, 3];
+        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    /// A real loopback connection: the server side as a session gets it, and the peer.
+    async fn pair() -> (Transport, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let upgraded = Upgraded {
+            stream,
+            read_ahead: BytesMut::new(),
+        };
+        (upgraded.into_transport(MAX), peer)
+    }
+
+    async fn next(inbound: &mut Inbound) -> Option<Result<InboundFrame, InboundError>> {
+        tokio::time::timeout(Duration::from_secs(5), inbound.next())
+            .await
+            .expect("a frame or the end in time")
+    }
+
+    #[tokio::test]
+    async fn frames_that_arrive_a_byte_at_a_time_or_in_fragments_come_out_whole() {
+        let (mut transport, mut peer) = pair().await;
+        let mut bytes = client_frame(true, 0x1, br#"{"type":"ping"}"#);
+        bytes.extend(client_frame(false, 0x1, b"hel"));
+        bytes.extend(client_frame(true, 0x9, b"in between"));
+        bytes.extend(client_frame(true, 0x0, b"lo"));
+        bytes.extend(client_frame(true, 0x8, &1000u16.to_be_bytes()));
+        tokio::spawn(async move {
+            for byte in bytes {
+                peer.write_all(&[byte]).await.unwrap();
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            peer
+        });
+        let inbound = &mut transport.inbound;
+        let text = |s: &'static str| InboundFrame::Text(Bytes::from_static(s.as_bytes()));
+        assert_eq!(
+            next(inbound).await.unwrap().unwrap(),
+            text(r#"{"type":"ping"}"#)
+        );
+        assert_eq!(
+            next(inbound).await.unwrap().unwrap(),
+            InboundFrame::Ping(Bytes::from_static(b"in between"))
+        );
+        assert_eq!(next(inbound).await.unwrap().unwrap(), text("hello"));
+        assert_eq!(
+            next(inbound).await.unwrap().unwrap(),
+            InboundFrame::Close(Some(1000))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_it_is_all_received() {
+        let (mut transport, mut peer) = pair().await;
+        let big = client_frame(true, 0x1, &vec![b'x'; 64 * MAX]);
+        // Only a little more than the limit is sent; the rest never comes.
+        peer.write_all(&big[..MAX + 64]).await.unwrap();
+        assert!(matches!(
+            next(&mut transport.inbound).await,
+            Some(Err(InboundError::TooBig(MAX)))
+        ));
+        assert!(
+            next(&mut transport.inbound).await.is_none(),
+            "the stream ends after an error"
+        );
+    }
+
+    #[tokio::test]
+    async fn fragments_adding_up_past_the_limit_and_unmasked_frames_are_refused() {
+        let (mut transport, mut peer) = pair().await;
+        let part = vec![b'y'; MAX / 2 + 1];
+        let mut bytes = client_frame(false, 0x1, &part);
+        bytes.extend(client_frame(true, 0x0, &part));
+        peer.write_all(&bytes).await.unwrap();
+        assert!(matches!(
+            next(&mut transport.inbound).await,
+            Some(Err(InboundError::TooBig(_)))
+        ));
+
+        let (mut transport, mut peer) = pair().await;
+        peer.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+        assert!(matches!(
+            next(&mut transport.inbound).await,
+            Some(Err(InboundError::Protocol(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn queued_frames_go_out_in_order_even_through_a_full_socket() {
+        let (mut transport, mut peer) = pair().await;
+        // Far more than the socket buffers hold, so writes block and resume part-way.
+        let payload = Bytes::from(vec![b'z'; 300_000]);
+        let frames = 40;
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for _ in 0..frames {
+            transport.sink.queue_text(payload.clone());
+        }
+        transport.sink.queue_ping();
+        transport.sink.flush().await.unwrap();
+        assert!(!transport.socket.torn.get());
+        drop(transport);
+        let got = reader.await.unwrap();
+        let mut at = 0;
+        for _ in 0..frames {
+            assert_eq!(&got[at..at + 2], &[0x81, 127]);
+            assert_eq!(&got[at + 2..at + 10], &300_000u64.to_be_bytes());
+            assert!(got[at + 10..at + 10 + 300_000].iter().all(|&b| b == b'z'));
+            at += 10 + 300_000;
+        }
+        assert_eq!(&got[at..], &[0x89, 0x00], "the ping last, nothing after it");
+    }
+}
