@@ -243,7 +243,14 @@ target("broadcast: CPU per delivered ≤ 0.67 × Nchan's", f"{fmt(hc, 2)} µs", 
 base, end = m("herald", "churn", "server.rss_baseline_kib"), m("herald", "churn", "server.rss_end_kib")
 r = ratio(end, base)
 churn_clean = not problems("herald", "churn")
-target("churn: RSS back within 10 %, no error", f"{fmt(base)} → {fmt(end)} KiB, {'no' if churn_clean else 'some'} errors",
+# scripts/bench saves Herald's registry gauges after each churn run: all must read 0.
+registry = [line.split() for path in sorted(glob.glob(os.path.join(results_dir, "herald.churn.*.registry")))
+            for line in open(path).read().splitlines() if line.strip()]
+registry_empty = bool(registry) and all(float(v) == 0 for _, v in registry)
+churn_clean = churn_clean and registry_empty
+target("churn: RSS back within 10 %, registry empty, no error",
+       f"{fmt(base)} → {fmt(end)} KiB, registry {'empty' if registry_empty else 'NOT empty'} after every run, "
+       f"{'no' if not problems('herald', 'churn') else 'some'} errors",
        "", f"after ÷ before = {fmt(r, 2)}", None if r is None else (r <= 1.10 and churn_clean))
 p0, p1 = m("herald-hb", "broadcast-fixed", "latency_us.p99"), m("herald-hb", "stalled", "latency_us.p99")
 r = ratio(p1, p0)

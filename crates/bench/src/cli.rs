@@ -115,6 +115,11 @@ pub struct Args {
     /// Seconds between connecting and measuring (the hub settles, registries join).
     #[arg(long, default_value_t = 1.0)]
     pub settle: f64,
+    /// churn: seconds of the same churn before the RSS baseline is taken, so the baseline
+    /// is a hub that has served connections (code paged in, allocator pools at working
+    /// size) and the run measures what churn adds on top. 0: a fresh hub's baseline.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
     /// Seconds to wait for outstanding deliveries after publishing stops.
     #[arg(long, default_value_t = 10.0)]
     pub drain: f64,

@@ -249,20 +249,25 @@ async fn run_churn(args: &Args) -> Result<Report, BenchError> {
         .rate()
         .ok_or_else(|| BenchError::Args("churn needs --rate (connects per second)".into()))?;
     let pids = &args.server_pids;
-    let baseline = sample(pids);
-    let peak = PeakRss::start(pids.clone());
-    let result = churn(ChurnPlan {
+    let plan = |secs: f64| ChurnPlan {
         urls: args.sub_url.clone(),
         user_prefix: args.user_prefix.clone(),
         users: args.users(),
         rate,
-        duration: Duration::from_secs_f64(args.duration),
+        duration: Duration::from_secs_f64(secs),
         pool: args.sessions,
         greeting: args.greeting,
         source_base: args.source_base,
         per_source: args.per_source,
-    })
-    .await;
+    };
+    let mut warmup_failed = 0;
+    if args.warmup > 0.0 {
+        warmup_failed = churn(plan(args.warmup)).await.failed;
+        tokio::time::sleep(Duration::from_secs_f64(args.settle.max(1.0))).await;
+    }
+    let baseline = sample(pids);
+    let peak = PeakRss::start(pids.clone());
+    let result = churn(plan(args.duration)).await;
     let cpu_end = sample(pids);
     let rss_peak = peak.stop();
     tokio::time::sleep(Duration::from_secs_f64(args.settle.max(1.0))).await;
@@ -299,6 +304,11 @@ async fn run_churn(args: &Args) -> Result<Report, BenchError> {
             result.failed,
             result.attempted,
             result.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+    if warmup_failed > 0 {
+        report.problems.push(format!(
+            "{warmup_failed} connects failed during the warm-up"
         ));
     }
     if result.dropped > 0 {
