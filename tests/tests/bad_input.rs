@@ -621,3 +621,103 @@ async fn bad_websocket_frames() {
 
     herald.shutdown().await.unwrap();
 }
+
+/// A WebSocket upgrade request as browsers send it, without the API key.
+fn upgrade_request(method: &str, target: &str, key: Option<&str>) -> Vec<u8> {
+    let key = key.map_or(String::new(), |k| format!("Sec-WebSocket-Key: {k}\r\n"));
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: herald\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\n{key}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Upgrades are answered by the gateway's upgrade service, not the routes: it must give
+/// the same JSON errors for every kind of bad upgrade, and close the connection after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrades_answer_the_contracts_errors() {
+    let herald = Herald::start().await;
+    let mut witness = Witness::new(&herald).await;
+    let key = Some("dGhlIHNhbXBsZSBub25jZQ==");
+    let alice = token("alice");
+    for (what, request, status, code) in [
+        (
+            "no such path",
+            upgrade_request("GET", "/v1/broadcast", key),
+            404,
+            "not_found",
+        ),
+        (
+            "extra segment",
+            upgrade_request("GET", &format!("/ws/alice/x?token={alice}"), key),
+            404,
+            "not_found",
+        ),
+        (
+            "not GET",
+            upgrade_request("POST", &format!("/ws/alice?token={alice}"), key),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "bad user id",
+            upgrade_request("GET", &format!("/ws/a%2Fb?token={alice}"), key),
+            400,
+            "invalid_user_id",
+        ),
+        (
+            "non-UTF-8 user id",
+            upgrade_request("GET", &format!("/ws/%FF?token={alice}"), key),
+            400,
+            "invalid_user_id",
+        ),
+        (
+            "dot segment",
+            upgrade_request("GET", &format!("/ws/%2E%2E?token={alice}"), key),
+            400,
+            "invalid_user_id",
+        ),
+        (
+            "bad since",
+            upgrade_request("GET", &format!("/ws/alice?token={alice}&since=x"), key),
+            400,
+            "invalid_query",
+        ),
+        (
+            "no token",
+            upgrade_request("GET", "/ws/alice", key),
+            401,
+            "unauthorized",
+        ),
+        (
+            "another user's token",
+            upgrade_request("GET", &format!("/ws/bob?token={alice}"), key),
+            403,
+            "forbidden",
+        ),
+        (
+            "no Sec-WebSocket-Key",
+            upgrade_request("GET", &format!("/ws/alice?token={alice}"), None),
+            400,
+            "websocket_required",
+        ),
+    ] {
+        let res = raw_http(herald.addr, &request).await;
+        assert_error(what, res.status, &res.json(), status, code);
+        assert_eq!(res.header("connection"), Some("close"), "{what}");
+        if status == 405 {
+            assert_eq!(res.header("allow"), Some("GET"), "{what}");
+        }
+        witness.still_served(&herald, what).await;
+    }
+    // A percent-encoded id that decodes to a valid one is that user.
+    let url = herald.ws_url("al%69ce", Some(&alice), None);
+    let mut encoded = Subscriber::connect(&url).await.expect("upgrade");
+    assert_eq!(encoded.hello["user"], "alice");
+    herald
+        .publisher()
+        .publish_ok("alice", json!("for alice"))
+        .await;
+    assert_eq!(encoded.notifications(1, SOON).await[0]["data"], "for alice");
+    herald.shutdown().await.unwrap();
+}
