@@ -26,6 +26,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use bytes::BytesMut;
+use futures_util::StreamExt;
 use tokio::net::TcpStream;
 
 /// A socket the gateway upgraded: the 101 is sent, the rest is the session's.
@@ -82,7 +83,6 @@ impl Socket {
             // it may misread the stream; any error ends the wait like the reply would.
             let mut inbound = Inbound::new(Rc::clone(&self.io), BytesMut::new(), usize::MAX);
             let replied = async {
-                use futures_util::StreamExt;
                 while let Some(Ok(frame)) = inbound.next().await {
                     if matches!(frame, InboundFrame::Close(_)) {
                         break;
@@ -112,24 +112,11 @@ mod tests {
 
     const MAX: usize = 1024;
 
-    /// A client frame as browsers send it: masked, FIN set or not.
+    /// A client frame as browsers send it: masked (actix-http's client-side encoder).
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [7u8, 1, 9, 3];
-        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        frame
+        let mut frame = BytesMut::new();
+        actix_http::ws::Parser::write_message(&mut frame, payload, opcode.into(), fin, true);
+        frame.to_vec()
     }
 
     /// A real loopback connection: the server side as a session gets it, and the peer.
