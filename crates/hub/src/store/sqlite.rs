@@ -84,9 +84,10 @@ pub struct SqliteStore {
     retention: Retention,
 }
 
-/// The stored range of every user appended to since the store opened, kept exact by
-/// the writer (which sees every append) and published only once a commit is durable:
-/// appends assign seqs without reading SQLite, and `head` mostly answers from memory.
+/// The stored range of users appended to since the store opened (until their rows
+/// expire), kept exact by the writer (which sees every append) and published only once a
+/// commit is durable: appends assign seqs without reading SQLite, and `head` mostly
+/// answers from memory.
 #[derive(Default)]
 struct Heads(Mutex<HashMap<UserId, Cached>>);
 
@@ -122,6 +123,14 @@ impl Heads {
                 last_seq: cached.last_seq,
             }),
             Some(_) => None,
+        }
+    }
+
+    /// Drops users with nothing stored within retention: memory then holds no more users
+    /// than the store holds rows for. A dropped user is read from SQLite when next needed.
+    fn forget_expired(&self, cutoff_ms: i64) {
+        if let Ok(mut heads) = self.0.lock() {
+            heads.retain(|_, cached| cached.oldest.is_some_and(|o| o.ts_ms >= cutoff_ms));
         }
     }
 
@@ -426,6 +435,9 @@ impl Writer {
             tx.commit()?;
             Ok((n, m))
         })();
+        if result.is_ok() {
+            self.heads.forget_expired(cutoff);
+        }
         match result {
             Ok((0, 0)) => {}
             Ok((notifications, keys)) => tracing::debug!(notifications, keys, "retention pruned"),
