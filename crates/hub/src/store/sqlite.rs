@@ -31,7 +31,8 @@ const MAX_BATCH: usize = 4096;
 /// Concurrent read connections; reads are short, more would only contend on the disk.
 const MAX_READERS: usize = 4;
 /// The writer's page cache in KiB (SQLite's default is 2 MB): pages of users' recent
-/// rows, so that appends to many users do not read their pages back from the file.
+/// rows, so that appends to many users read fewer pages back from the file (measured:
+/// fewer `pread`s; the throughput difference was within this machine's noise).
 const WRITER_CACHE_KIB: i64 = 16 * 1024;
 /// WAL pages before the writer copies them into the main file (SQLite's default: 1,000).
 /// Appends to many users dirty pages all over the file; a longer WAL holds many versions
