@@ -11,6 +11,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::broker::{Broker, BrokerError, MemoryBroker};
 use crate::config::HubConfig;
 use crate::ids::{Seq, SessionId, SessionIds, UserId};
+use crate::members::Members;
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::registry::{CloseAll, Registry, RegistryStats, Stats};
@@ -76,8 +77,8 @@ impl Hub {
     /// Starts the registry on the current arbiter with the one-node broker.
     /// Must run inside an actix system.
     pub fn start(config: HubConfig, store: Arc<dyn Store>) -> Self {
-        let Ok(hub) = Self::start_with::<std::convert::Infallible>(config, store, |registry| {
-            Ok(Arc::new(MemoryBroker::new(registry)))
+        let Ok(hub) = Self::start_inner::<std::convert::Infallible>(config, store, |_, members| {
+            Ok(Arc::new(MemoryBroker::new(members)))
         });
         hub
     }
@@ -90,9 +91,18 @@ impl Hub {
         store: Arc<dyn Store>,
         make_broker: impl FnOnce(Addr<Registry>) -> Result<Arc<dyn Broker>, E>,
     ) -> Result<Self, E> {
+        Self::start_inner(config, store, |registry, _| make_broker(registry))
+    }
+
+    fn start_inner<E>(
+        config: HubConfig,
+        store: Arc<dyn Store>,
+        make_broker: impl FnOnce(Addr<Registry>, Arc<Members>) -> Result<Arc<dyn Broker>, E>,
+    ) -> Result<Self, E> {
         let metrics = Arc::new(Metrics::default());
-        let registry = Registry::new(Arc::clone(&metrics)).start();
-        let broker = make_broker(registry.clone())?;
+        let members = Arc::new(Members::new(Arc::clone(&metrics)));
+        let registry = Registry::new(Arc::clone(&members)).start();
+        let broker = make_broker(registry.clone(), members)?;
         Ok(Self(Arc::new(Core {
             config,
             store,

@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod ids;
+pub mod members;
 pub mod metrics;
 pub mod protocol;
 pub mod registry;

@@ -1,18 +1,19 @@
-//! The registry actor: which sessions each user holds on this node, and fan-out to them.
+//! The registry actor: the mailbox through which sessions join and leave this node.
 //!
-//! Fan-out never waits on a session: it `try_send`s into the session's bounded
-//! outbound queue, and a full queue evicts that session as a slow consumer.
+//! The table itself is [`Members`], shared: publishes fan out from the thread that
+//! stored them, and every message here is answered from the same table. Joins and leaves
+//! still travel through this one mailbox, so a session's leave is always ordered after
+//! its join.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::session::queue::{QueueSender, TrySendError};
 use actix::prelude::*;
 use bytestring::ByteString;
 
 use crate::ids::{Seq, SessionId, UserId};
-use crate::metrics::Metrics;
-use crate::session::{Evict, EvictReason, Outbound};
+use crate::members::Members;
+use crate::session::Evict;
+use crate::session::queue::QueueSender;
 
 /// How the registry reaches one session.
 pub struct SessionEntry {
@@ -27,45 +28,12 @@ pub struct SessionEntry {
 const MAILBOX_CAPACITY: usize = 1 << 20;
 
 pub struct Registry {
-    users: HashMap<UserId, Vec<SessionEntry>>,
-    sessions: usize,
-    metrics: Arc<Metrics>,
+    members: Arc<Members>,
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            users: HashMap::new(),
-            sessions: 0,
-            metrics,
-        }
-    }
-
-    fn publish_presence(&self) {
-        self.metrics.set_presence(self.sessions, self.users.len());
-    }
-
-    /// Hands `item` to every session in `entries`; evicts the ones whose queue is full.
-    fn fan_out(
-        entries: &mut Vec<SessionEntry>,
-        item: impl Fn() -> Outbound,
-        user: Option<&UserId>,
-    ) -> (usize, usize) {
-        let before = entries.len();
-        let mut handed = 0;
-        entries.retain(|entry| match entry.outbound.try_send(item()) {
-            Ok(()) => {
-                handed += 1;
-                true
-            }
-            Err(TrySendError::Full(_)) => {
-                tracing::info!(user = user.map(UserId::as_str), session = %entry.id, "slow consumer evicted");
-                let _ = entry.control.try_send(Evict { reason: EvictReason::SlowConsumer });
-                false
-            }
-            Err(TrySendError::Closed(_)) => false,
-        });
-        (handed, before - entries.len())
+    pub fn new(members: Arc<Members>) -> Self {
+        Self { members }
     }
 }
 
@@ -141,9 +109,7 @@ impl Handler<Join> for Registry {
 
     /// Adds the session beside any others the user already has.
     fn handle(&mut self, msg: Join, _: &mut Self::Context) {
-        self.users.entry(msg.user).or_default().push(msg.entry);
-        self.sessions += 1;
-        self.publish_presence();
+        self.members.join(msg.user, msg.entry);
     }
 }
 
@@ -152,16 +118,7 @@ impl Handler<Leave> for Registry {
 
     /// Removes exactly that session, if it is still there.
     fn handle(&mut self, msg: Leave, _: &mut Self::Context) {
-        let Some(entries) = self.users.get_mut(&msg.user) else {
-            return;
-        };
-        let before = entries.len();
-        entries.retain(|e| e.id != msg.session);
-        self.sessions -= before - entries.len();
-        if entries.is_empty() {
-            self.users.remove(&msg.user);
-        }
-        self.publish_presence();
+        self.members.leave(&msg.user, msg.session);
     }
 }
 
@@ -170,28 +127,7 @@ impl Handler<Deliver> for Registry {
 
     /// Fans one notification out to the user's sessions; answers how many took it.
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> usize {
-        let Some(entries) = self.users.get_mut(&msg.user) else {
-            return 0;
-        };
-        let (seq, frame) = (msg.seq, msg.frame);
-        let (handed, dropped) = Self::fan_out(
-            entries,
-            || Outbound::Notification {
-                seq,
-                frame: frame.clone(),
-            },
-            Some(&msg.user),
-        );
-        if entries.is_empty() {
-            self.users.remove(&msg.user);
-        }
-        if dropped > 0 {
-            self.sessions -= dropped;
-            self.publish_presence();
-        }
-        // Counted where frames meet sessions: with several nodes, each counts its own.
-        self.metrics.delivered(handed);
-        handed
+        self.members.deliver(&msg.user, msg.seq, &msg.frame)
     }
 }
 
@@ -200,21 +136,7 @@ impl Handler<Broadcast> for Registry {
 
     /// Fans one live frame out to every session on the node.
     fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> usize {
-        let mut total = 0;
-        let mut dropped_total = 0;
-        for (user, entries) in self.users.iter_mut() {
-            let (handed, dropped) =
-                Self::fan_out(entries, || Outbound::Frame(msg.frame.clone()), Some(user));
-            total += handed;
-            dropped_total += dropped;
-        }
-        if dropped_total > 0 {
-            self.users.retain(|_, entries| !entries.is_empty());
-            self.sessions -= dropped_total;
-            self.publish_presence();
-        }
-        self.metrics.delivered(total);
-        total
+        self.members.broadcast(&msg.frame)
     }
 }
 
@@ -222,7 +144,7 @@ impl Handler<Presence> for Registry {
     type Result = usize;
 
     fn handle(&mut self, msg: Presence, _: &mut Self::Context) -> usize {
-        self.users.get(&msg.user).map_or(0, Vec::len)
+        self.members.presence(&msg.user)
     }
 }
 
@@ -231,12 +153,7 @@ impl Handler<CloseAll> for Registry {
 
     /// Asks every session to close with 1001; they leave as they stop.
     fn handle(&mut self, _: CloseAll, _: &mut Self::Context) -> usize {
-        for entry in self.users.values().flatten() {
-            let _ = entry.control.try_send(Evict {
-                reason: EvictReason::Shutdown,
-            });
-        }
-        self.sessions
+        self.members.close_all()
     }
 }
 
@@ -244,10 +161,7 @@ impl Handler<Stats> for Registry {
     type Result = RegistryStats;
 
     fn handle(&mut self, _: Stats, _: &mut Self::Context) -> RegistryStats {
-        RegistryStats {
-            users: self.users.len(),
-            sessions: self.sessions,
-        }
+        self.members.stats()
     }
 }
 
@@ -257,6 +171,9 @@ mod tests {
 
     use super::*;
     use crate::ids::SessionIds;
+    use crate::metrics::Metrics;
+    use crate::session::EvictReason;
+    use crate::session::Outbound;
 
     /// Stands in for a session actor: reports every `Evict` it is sent.
     struct Control(mpsc::UnboundedSender<EvictReason>);
@@ -337,7 +254,7 @@ mod tests {
         fn new() -> Self {
             let metrics = Arc::new(Metrics::default());
             Self {
-                registry: Registry::new(Arc::clone(&metrics)).start(),
+                registry: Registry::new(Arc::new(Members::new(Arc::clone(&metrics)))).start(),
                 metrics,
                 ids: SessionIds::default(),
             }

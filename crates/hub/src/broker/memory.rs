@@ -1,49 +1,36 @@
-//! The one-node broker: fan-out straight into this process's registry.
+//! The one-node broker: fan-out straight into this process's table of sessions.
 
-use actix::Addr;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytestring::ByteString;
 
 use super::{Broker, BrokerError};
 use crate::ids::UserId;
-use crate::registry::{Broadcast, Deliver, Presence, Registry};
+use crate::members::Members;
 use crate::store::Notification;
 
 pub struct MemoryBroker {
-    registry: Addr<Registry>,
+    members: Arc<Members>,
 }
 
 impl MemoryBroker {
-    pub fn new(registry: Addr<Registry>) -> Self {
-        Self { registry }
+    pub fn new(members: Arc<Members>) -> Self {
+        Self { members }
     }
 }
 
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, n: &Notification) -> Result<usize, BrokerError> {
-        let deliver = Deliver {
-            user: n.user.clone(),
-            seq: n.seq,
-            frame: n.frame.clone(),
-        };
-        self.registry
-            .send(deliver)
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        Ok(self.members.deliver(&n.user, n.seq, &n.frame))
     }
 
     async fn broadcast(&self, frame: ByteString) -> Result<usize, BrokerError> {
-        self.registry
-            .send(Broadcast { frame })
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        Ok(self.members.broadcast(&frame))
     }
 
     async fn presence(&self, user: &UserId) -> Result<usize, BrokerError> {
-        self.registry
-            .send(Presence { user: user.clone() })
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        Ok(self.members.presence(user))
     }
 }

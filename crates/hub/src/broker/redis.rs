@@ -262,7 +262,8 @@ mod tests {
     async fn a_join_resolves_once_subscribed_and_counts_in_presence() {
         let redis = TestRedis::start();
         let config = redis.config("b");
-        let registry = Registry::new(Arc::new(Metrics::default())).start();
+        let members = Arc::new(crate::members::Members::new(Arc::new(Metrics::default())));
+        let registry = Registry::new(members).start();
         let conn = crate::cluster::command_connection(&config).unwrap();
         let broker = RedisBroker::start(&config, conn, "n1".into(), registry).unwrap();
         let alice = UserId::parse("alice").unwrap();

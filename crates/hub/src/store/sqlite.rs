@@ -1,5 +1,6 @@
 //! The embedded store: SQLite in WAL mode, one writer thread that group-commits, pooled readers.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -18,13 +19,26 @@ use crate::ids::{Seq, UserId};
 use crate::protocol;
 
 /// The schema this build reads and writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Version 2: `users.last_seq` is written when retention deletes a user's newest rows,
+/// not on every append; a user's last seq is the larger of it and their newest row.
+/// A version 1 file is a valid version 2 file (its `users` are exact) and is upgraded
+/// in place; a version 1 build refuses a version 2 file, since it would reuse seqs.
+const SCHEMA_VERSION: i64 = 2;
 /// File name inside `store.path`.
 pub const DB_FILE: &str = "herald.sqlite3";
 /// Appends committed in one transaction at most; bounds one commit's latency.
 const MAX_BATCH: usize = 4096;
 /// Concurrent read connections; reads are short, more would only contend on the disk.
 const MAX_READERS: usize = 4;
+/// The writer's page cache in KiB (SQLite's default is 2 MB): pages of users' recent
+/// rows, so that appends to many users read fewer pages back from the file (measured:
+/// fewer `pread`s; the throughput difference was within this machine's noise).
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
+/// WAL pages before the writer copies them into the main file (SQLite's default: 1,000).
+/// Appends to many users dirty pages all over the file; a longer WAL holds many versions
+/// of the same page, and the checkpoint writes each page once (measured: about 8 µs less
+/// CPU per publish, unicast to 10,000 users). Costs up to ~40 MB of WAL on disk.
+const WAL_CHECKPOINT_PAGES: u32 = 10_000;
 
 const SCHEMA: &str = "
 CREATE TABLE users (
@@ -72,7 +86,66 @@ enum Command {
 pub struct SqliteStore {
     commands: Mutex<Option<std_mpsc::Sender<Command>>>,
     readers: Arc<ReaderPool>,
+    heads: Arc<Heads>,
     retention: Retention,
+}
+
+/// The stored range of users appended to since the store opened (until their rows
+/// expire), kept exact by the writer (which sees every append) and published only once a
+/// commit is durable: appends assign seqs without reading SQLite, and `head` mostly
+/// answers from memory.
+#[derive(Default)]
+struct Heads(Mutex<HashMap<UserId, Cached>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    last_seq: Seq,
+    /// The user's oldest stored row, `None` when nothing is stored. After a background
+    /// prune it may name a deleted row; its age then gives it away (older than retention).
+    oldest: Option<Oldest>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Oldest {
+    seq: Seq,
+    ts_ms: i64,
+}
+
+impl Heads {
+    fn get(&self, user: &UserId) -> Option<Cached> {
+        self.0.lock().ok()?.get(user).copied()
+    }
+
+    /// The head as `head` answers it, if memory knows it for `cutoff_ms`.
+    fn head(&self, user: &UserId, cutoff_ms: i64) -> Option<Head> {
+        let cached = self.get(user)?;
+        match cached.oldest {
+            None => Some(Head {
+                first_seq: cached.last_seq + 1,
+                last_seq: cached.last_seq,
+            }),
+            Some(oldest) if oldest.ts_ms >= cutoff_ms => Some(Head {
+                first_seq: oldest.seq,
+                last_seq: cached.last_seq,
+            }),
+            Some(_) => None,
+        }
+    }
+
+    /// Drops users with nothing stored within retention: memory then holds no more users
+    /// than the store holds rows for. A dropped user is read from SQLite when next needed.
+    fn forget_expired(&self, cutoff_ms: i64) {
+        if let Ok(mut heads) = self.0.lock() {
+            heads.retain(|_, cached| cached.oldest.is_some_and(|o| o.ts_ms >= cutoff_ms));
+        }
+    }
+
+    /// Publishes what one durable commit changed.
+    fn apply(&self, staged: HashMap<UserId, Cached>) {
+        if let Ok(mut heads) = self.0.lock() {
+            heads.extend(staged);
+        }
+    }
 }
 
 impl SqliteStore {
@@ -107,13 +180,18 @@ impl SqliteStore {
         let probe = readers.open().map_err(|e| open_err(e.to_string()))?;
         readers.put(probe);
 
+        let heads = Arc::new(Heads::default());
         let (tx, rx) = std_mpsc::channel();
+        let writer_heads = Arc::clone(&heads);
         thread::Builder::new()
             .name("herald-store".into())
             .spawn(move || {
                 Writer {
                     conn: writer,
                     retention,
+                    heads: writer_heads,
+                    commits: 0,
+                    commands: 0,
                 }
                 .run(rx)
             })
@@ -122,6 +200,7 @@ impl SqliteStore {
         Ok(Self {
             commands: Mutex::new(Some(tx)),
             readers,
+            heads,
             retention,
         })
     }
@@ -180,16 +259,17 @@ impl Store for SqliteStore {
     }
 
     async fn head(&self, user: &UserId) -> Result<Head, StoreError> {
-        let (user, cutoff) = (user.clone(), self.cutoff_ms());
+        let cutoff = self.cutoff_ms();
+        if let Some(head) = self.heads.head(user, cutoff) {
+            return Ok(head);
+        }
+        // Not appended to since the store opened (or its oldest row expired): what is
+        // committed is what memory would say, since memory changes only after commits.
+        let user = user.clone();
         self.readers
             .with(move |conn| {
                 let tx = conn.unchecked_transaction()?;
-                // Cached statements: every subscribe reads the head.
-                let last: i64 = tx
-                    .prepare_cached("SELECT last_seq FROM users WHERE user = ?1")?
-                    .query_row([user.as_str()], |r| r.get(0))
-                    .optional()?
-                    .unwrap_or(0);
+                let last = last_seq(&tx, &user)?;
                 let first: Option<i64> = tx
                     .prepare_cached(
                         "SELECT MIN(seq) FROM notifications WHERE user = ?1 AND ts_ms >= ?2",
@@ -197,8 +277,8 @@ impl Store for SqliteStore {
                     .query_row(params![user.as_str(), cutoff], |r| r.get(0))?;
                 tx.finish()?;
                 Ok(Head {
-                    first_seq: first.unwrap_or(last + 1) as Seq,
-                    last_seq: last as Seq,
+                    first_seq: first.map_or(last + 1, |f| f as Seq),
+                    last_seq: last,
                 })
             })
             .await
@@ -233,6 +313,9 @@ impl Store for SqliteStore {
 struct Writer {
     conn: Connection,
     retention: Retention,
+    heads: Arc<Heads>,
+    commits: u64,
+    commands: u64,
 }
 
 impl Writer {
@@ -257,6 +340,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.commits += 1;
+            self.commands += batch.len() as u64;
             let close = self.commit(batch);
             if last_prune.elapsed() >= prune_every {
                 self.prune();
@@ -267,7 +352,11 @@ impl Writer {
                 if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
                     tracing::warn!(error = %e, "store checkpoint at close failed");
                 }
-                tracing::info!("store closed");
+                tracing::info!(
+                    commits = self.commits,
+                    commands = self.commands,
+                    "store closed"
+                );
                 let _ = reply.send(());
                 return;
             }
@@ -278,14 +367,24 @@ impl Writer {
     fn commit(&mut self, batch: Vec<Command>) -> Option<oneshot::Sender<()>> {
         let mut close = None;
         let mut replies = Vec::with_capacity(batch.len());
+        // Heads this batch changed; published once the commit is durable.
+        let mut staged = HashMap::new();
         let result: rusqlite::Result<()> = (|| {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
+            let mut appender = Appender {
+                tx: &tx,
+                heads: &self.heads,
+                staged: &mut staged,
+                per_user: self.retention.per_user,
+                cutoff,
+            };
             for cmd in batch {
                 match cmd {
                     Command::Append { user, draft, reply } => {
-                        let outcome = append_one(&tx, &user, draft, self.retention)?;
+                        let outcome = appender.append(&user, draft)?;
                         replies.push((reply, outcome));
                     }
                     Command::Delivered {
@@ -309,6 +408,7 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
+                self.heads.apply(staged);
                 for (reply, outcome) in replies {
                     let _ = reply.send(Ok(outcome));
                 }
@@ -325,14 +425,25 @@ impl Writer {
 
     fn prune(&mut self) {
         let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
-        let result = self
-            .conn
-            .execute("DELETE FROM notifications WHERE ts_ms < ?1", [cutoff])
-            .and_then(|n| {
-                self.conn
-                    .execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff])
-                    .map(|m| (n, m))
-            });
+        let result: rusqlite::Result<(usize, usize)> = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // A user's last seq outlives their rows: it is never handed out again.
+            tx.execute(
+                "INSERT INTO users (user, last_seq)
+                 SELECT user, MAX(seq) FROM notifications WHERE ts_ms < ?1 GROUP BY user
+                 ON CONFLICT (user) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+                [cutoff],
+            )?;
+            let n = tx.execute("DELETE FROM notifications WHERE ts_ms < ?1", [cutoff])?;
+            let m = tx.execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff])?;
+            tx.commit()?;
+            Ok((n, m))
+        })();
+        if result.is_ok() {
+            self.heads.forget_expired(cutoff);
+        }
         match result {
             Ok((0, 0)) => {}
             Ok((notifications, keys)) => tracing::debug!(notifications, keys, "retention pruned"),
@@ -341,58 +452,113 @@ impl Writer {
     }
 }
 
-fn append_one(
-    tx: &rusqlite::Transaction<'_>,
-    user: &UserId,
-    draft: Draft,
-    retention: Retention,
-) -> rusqlite::Result<Appended> {
-    let cutoff = now_ms() - retention.max_age.as_millis() as i64;
-    if let Some(key) = &draft.idempotency_key {
-        let seen = tx
-            .prepare_cached("SELECT id, seq, delivered FROM idempotency WHERE user = ?1 AND key = ?2 AND ts_ms >= ?3")?
-            .query_row(params![user.as_str(), key, cutoff], |r| {
-                Ok(Receipt { id: r.get(0)?, seq: r.get::<_, i64>(1)? as Seq, delivered: r.get::<_, i64>(2)? as usize })
-            })
-            .optional()?;
-        if let Some(receipt) = seen {
-            return Ok(Appended::Duplicate(receipt));
+/// Appends within one commit; knows every head it touches without asking SQLite twice.
+struct Appender<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+    heads: &'a Heads,
+    staged: &'a mut HashMap<UserId, Cached>,
+    per_user: u64,
+    cutoff: i64,
+}
+
+impl Appender<'_> {
+    fn append(&mut self, user: &UserId, draft: Draft) -> rusqlite::Result<Appended> {
+        let tx = self.tx;
+        if let Some(key) = &draft.idempotency_key {
+            let seen = tx
+                .prepare_cached("SELECT id, seq, delivered FROM idempotency WHERE user = ?1 AND key = ?2 AND ts_ms >= ?3")?
+                .query_row(params![user.as_str(), key, self.cutoff], |r| {
+                    Ok(Receipt { id: r.get(0)?, seq: r.get::<_, i64>(1)? as Seq, delivered: r.get::<_, i64>(2)? as usize })
+                })
+                .optional()?;
+            if let Some(receipt) = seen {
+                return Ok(Appended::Duplicate(receipt));
+            }
         }
-    }
-    let seq: i64 = tx
-        .prepare_cached(
-            "INSERT INTO users (user, last_seq) VALUES (?1, 1)
-             ON CONFLICT (user) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
-        )?
-        .query_row([user.as_str()], |r| r.get(0))?;
-    let frame = protocol::notification_frame(
-        &draft.id,
-        seq as Seq,
-        draft.event.as_deref(),
-        &draft.data,
-        &draft.ts,
-    );
-    tx.prepare_cached(
-        "INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![user.as_str(), seq, draft.ts_ms, &*frame])?;
-    let keep_after = seq - retention.per_user as i64;
-    if keep_after > 0 {
-        tx.prepare_cached("DELETE FROM notifications WHERE user = ?1 AND seq <= ?2")?
-            .execute(params![user.as_str(), keep_after])?;
-    }
-    if let Some(key) = &draft.idempotency_key {
+        let mut head = self.head(user)?;
+        let seq = head.last_seq + 1;
+        let frame = protocol::notification_frame(
+            &draft.id,
+            seq,
+            draft.event.as_deref(),
+            &draft.data,
+            &draft.ts,
+        );
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO idempotency (user, key, id, seq, delivered, ts_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+            "INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)",
         )?
-        .execute(params![user.as_str(), key, draft.id, seq, draft.ts_ms])?;
+        .execute(params![user.as_str(), seq as i64, draft.ts_ms, &*frame])?;
+        head.last_seq = seq;
+        let oldest = *head.oldest.get_or_insert(Oldest {
+            seq,
+            ts_ms: draft.ts_ms,
+        });
+        // Keeps the newest `per_user`; the row just written is never among those deleted.
+        let keep_after = seq.saturating_sub(self.per_user);
+        if oldest.seq <= keep_after {
+            tx.prepare_cached("DELETE FROM notifications WHERE user = ?1 AND seq <= ?2")?
+                .execute(params![user.as_str(), keep_after as i64])?;
+            head.oldest = oldest_row(tx, user)?;
+        }
+        if let Some(key) = &draft.idempotency_key {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO idempotency (user, key, id, seq, delivered, ts_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+            )?
+            .execute(params![user.as_str(), key, draft.id, seq as i64, draft.ts_ms])?;
+        }
+        self.staged.insert(user.clone(), head);
+        Ok(Appended::New(Notification {
+            user: user.clone(),
+            id: draft.id,
+            seq,
+            frame,
+        }))
     }
-    Ok(Appended::New(Notification {
-        user: user.clone(),
-        id: draft.id,
-        seq: seq as Seq,
-        frame,
-    }))
+
+    /// The user's head as this transaction sees it: staged, else published, else read.
+    fn head(&mut self, user: &UserId) -> rusqlite::Result<Cached> {
+        if let Some(head) = self.staged.get(user) {
+            return Ok(*head);
+        }
+        let mut head = match self.heads.get(user) {
+            Some(head) => head,
+            None => Cached {
+                last_seq: last_seq(self.tx, user)?,
+                oldest: oldest_row(self.tx, user)?,
+            },
+        };
+        // A background prune may have deleted the remembered oldest row.
+        if head.oldest.is_some_and(|o| o.ts_ms < self.cutoff) {
+            head.oldest = oldest_row(self.tx, user)?;
+        }
+        Ok(head)
+    }
+}
+
+/// The highest seq the user ever had: their newest row, or what a prune recorded.
+fn last_seq(conn: &Connection, user: &UserId) -> rusqlite::Result<Seq> {
+    let recorded: i64 = conn
+        .prepare_cached("SELECT last_seq FROM users WHERE user = ?1")?
+        .query_row([user.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let newest: Option<i64> = conn
+        .prepare_cached("SELECT MAX(seq) FROM notifications WHERE user = ?1")?
+        .query_row([user.as_str()], |r| r.get(0))?;
+    Ok(recorded.max(newest.unwrap_or(0)) as Seq)
+}
+
+fn oldest_row(conn: &Connection, user: &UserId) -> rusqlite::Result<Option<Oldest>> {
+    conn.prepare_cached(
+        "SELECT seq, ts_ms FROM notifications WHERE user = ?1 ORDER BY seq LIMIT 1",
+    )?
+    .query_row([user.as_str()], |r| {
+        Ok(Oldest {
+            seq: r.get::<_, i64>(0)? as Seq,
+            ts_ms: r.get(1)?,
+        })
+    })
+    .optional()
 }
 
 /// Sets the pragmas and checks (or creates) the schema. Errors name what is wrong.
@@ -406,8 +572,11 @@ fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
         return Err(format!("could not switch to WAL mode (got {mode})"));
     }
     let sync = if fsync { "FULL" } else { "OFF" };
-    conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))
-        .map_err(|e| e.to_string())?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{WRITER_CACHE_KIB};
+         PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};"
+    ))
+    .map_err(|e| e.to_string())?;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| e.to_string())?;
@@ -421,6 +590,9 @@ fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
             ))
             .map_err(|e| e.to_string()),
         (SCHEMA_VERSION, _) => Ok(()),
+        (1, _) => conn
+            .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
+            .map_err(|e| e.to_string()),
         (0, _) => Err("the file holds tables that are not Herald's; refusing to touch it".into()),
         (other, _) => Err(format!(
             "schema version {other}, this Herald reads version {SCHEMA_VERSION}"
@@ -592,6 +764,52 @@ mod tests {
             "the seq survives"
         );
         store.close().await.unwrap();
+        // Memory is gone too now: the seq must come from the file.
+        let store = open(dir.path(), retention);
+        assert_eq!(
+            store.head(&user).await.unwrap(),
+            Head {
+                first_seq: 6,
+                last_seq: 5
+            }
+        );
+        let Appended::New(n) = store
+            .append(&user, conformance::draft(9, None))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(n.seq, 6, "a pruned seq is never handed out again");
+        store.close().await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn a_version_1_store_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = UserId::parse("alice").unwrap();
+        let store = open(dir.path(), conformance::LONG);
+        for i in 0..3 {
+            store
+                .append(&user, conformance::draft(i, None))
+                .await
+                .unwrap();
+        }
+        store.close().await.unwrap();
+        let version = |v: Option<i64>| -> i64 {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            if let Some(v) = v {
+                conn.execute_batch(&format!("PRAGMA user_version = {v};"))
+                    .unwrap();
+            }
+            conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        version(Some(1));
+        let store = open(dir.path(), conformance::LONG);
+        assert_eq!(store.head(&user).await.unwrap().last_seq, 3);
+        store.close().await.unwrap();
+        assert_eq!(version(None), SCHEMA_VERSION);
     }
 
     #[test]

@@ -1,0 +1,209 @@
+//! Which sessions each user holds on this node, in a sharded table that any thread fans out from.
+//!
+//! A publish hands its frame to the user's sessions on the HTTP worker that stored it,
+//! without a hop through an actor. Fan-out never waits on a session: it `try_send`s into
+//! the session's bounded outbound queue, and a full queue evicts that session as a slow
+//! consumer. A shard's lock is held only for one user's sessions at a time (or, for a
+//! broadcast, one shard's), and never across an await.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::session::queue::TrySendError;
+use bytestring::ByteString;
+
+use crate::ids::{Seq, SessionId, UserId};
+use crate::metrics::Metrics;
+use crate::registry::{RegistryStats, SessionEntry};
+use crate::session::{Evict, EvictReason, Outbound};
+
+/// Shards of the table; more than the threads that touch it, so they rarely meet.
+const SHARDS: usize = 32;
+
+type Shard = HashMap<UserId, Vec<SessionEntry>>;
+
+pub struct Members {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    sessions: AtomicUsize,
+    users: AtomicUsize,
+    /// Serialises gauge updates so the last one written reads the latest counts.
+    gauges: Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl Members {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: Default::default(),
+            sessions: AtomicUsize::new(0),
+            users: AtomicUsize::new(0),
+            gauges: Mutex::new(()),
+            metrics,
+        }
+    }
+
+    fn shard(&self, user: &UserId) -> MutexGuard<'_, Shard> {
+        let index = self.hasher.hash_one(user) as usize % SHARDS;
+        // A panic while holding a shard leaves it consistent (no await, no partial edits
+        // that matter), so a poisoned lock is taken over rather than spreading the panic.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish_presence(&self) {
+        let _serial = self.gauges.lock();
+        self.metrics.set_presence(
+            self.sessions.load(Ordering::SeqCst),
+            self.users.load(Ordering::SeqCst),
+        );
+    }
+
+    /// Adds the session beside any others the user already has. Once this returns, every
+    /// later fan-out to the user reaches it.
+    pub fn join(&self, user: UserId, entry: SessionEntry) {
+        {
+            let mut shard = self.shard(&user);
+            let entries = shard.entry(user).or_default();
+            if entries.is_empty() {
+                self.users.fetch_add(1, Ordering::SeqCst);
+            }
+            entries.push(entry);
+            self.sessions.fetch_add(1, Ordering::SeqCst);
+        }
+        self.publish_presence();
+    }
+
+    /// Removes exactly that session, if it is still there.
+    pub fn leave(&self, user: &UserId, session: SessionId) {
+        let removed = {
+            let mut shard = self.shard(user);
+            let Some(entries) = shard.get_mut(user) else {
+                return;
+            };
+            let before = entries.len();
+            entries.retain(|e| e.id != session);
+            let removed = before - entries.len();
+            self.forget_if_empty(&mut shard, user, removed);
+            removed
+        };
+        if removed > 0 {
+            self.publish_presence();
+        }
+    }
+
+    /// Counts `removed` sessions gone from `user`'s entries, and the user if none are left.
+    fn forget_if_empty(&self, shard: &mut Shard, user: &UserId, removed: usize) {
+        self.sessions.fetch_sub(removed, Ordering::SeqCst);
+        if shard.get(user).is_some_and(Vec::is_empty) {
+            shard.remove(user);
+            self.users.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Fans one stored notification out to the user's sessions; answers how many took it.
+    pub fn deliver(&self, user: &UserId, seq: Seq, frame: &ByteString) -> usize {
+        let (handed, dropped) = {
+            let mut shard = self.shard(user);
+            let Some(entries) = shard.get_mut(user) else {
+                return 0;
+            };
+            let item = || Outbound::Notification {
+                seq,
+                frame: frame.clone(),
+            };
+            let (handed, dropped) = fan_out(entries, item, user);
+            if dropped > 0 {
+                self.forget_if_empty(&mut shard, user, dropped);
+            }
+            (handed, dropped)
+        };
+        if dropped > 0 {
+            self.publish_presence();
+        }
+        // Counted where frames meet sessions: with several nodes, each counts its own.
+        self.metrics.delivered(handed);
+        handed
+    }
+
+    /// Fans one live frame out to every session on the node.
+    pub fn broadcast(&self, frame: &ByteString) -> usize {
+        let mut total = 0;
+        let mut dropped_total = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let mut emptied = 0;
+            for (user, entries) in shard.iter_mut() {
+                let (handed, dropped) = fan_out(entries, || Outbound::Frame(frame.clone()), user);
+                total += handed;
+                dropped_total += dropped;
+                emptied += usize::from(entries.is_empty());
+            }
+            if emptied > 0 {
+                shard.retain(|_, entries| !entries.is_empty());
+                self.users.fetch_sub(emptied, Ordering::SeqCst);
+            }
+        }
+        if dropped_total > 0 {
+            self.sessions.fetch_sub(dropped_total, Ordering::SeqCst);
+            self.publish_presence();
+        }
+        self.metrics.delivered(total);
+        total
+    }
+
+    /// How many sessions `user` holds on this node.
+    pub fn presence(&self, user: &UserId) -> usize {
+        self.shard(user).get(user).map_or(0, Vec::len)
+    }
+
+    /// Asks every session to close with 1001; answers how many there were.
+    pub fn close_all(&self) -> usize {
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for entry in shard.values().flatten() {
+                let _ = entry.control.try_send(Evict {
+                    reason: EvictReason::Shutdown,
+                });
+            }
+        }
+        self.sessions.load(Ordering::SeqCst)
+    }
+
+    pub fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            users: self.users.load(Ordering::SeqCst),
+            sessions: self.sessions.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// Hands `item` to every session in `entries`; evicts the ones whose queue is full.
+/// Answers (handed, dropped).
+fn fan_out(
+    entries: &mut Vec<SessionEntry>,
+    item: impl Fn() -> Outbound,
+    user: &UserId,
+) -> (usize, usize) {
+    let before = entries.len();
+    let mut handed = 0;
+    entries.retain(|entry| match entry.outbound.try_send(item()) {
+        Ok(()) => {
+            handed += 1;
+            true
+        }
+        Err(TrySendError::Full(_)) => {
+            tracing::info!(user = %user, session = %entry.id, "slow consumer evicted");
+            let _ = entry.control.try_send(Evict {
+                reason: EvictReason::SlowConsumer,
+            });
+            false
+        }
+        Err(TrySendError::Closed(_)) => false,
+    });
+    (handed, before - entries.len())
+}
