@@ -11,12 +11,12 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::session::queue::TrySendError;
 use bytestring::ByteString;
 
 use crate::ids::{Seq, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::registry::{RegistryStats, SessionEntry};
+use crate::session::queue::TrySendError;
 use crate::session::{Evict, EvictReason, Outbound};
 
 /// Shards of the table; more than the threads that touch it, so they rarely meet.
