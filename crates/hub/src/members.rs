@@ -10,13 +10,14 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
 
 use crate::ids::{Seq, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::registry::{RegistryStats, SessionEntry};
-use crate::session::queue::TrySendError;
+use crate::session::queue::{QueueSender, TrySendError};
 use crate::session::{Evict, EvictReason, Outbound};
 
 /// Shards of the table; more than the threads that touch it, so they rarely meet.
@@ -116,7 +117,7 @@ impl Members {
                 seq,
                 frame: frame.clone(),
             };
-            let (handed, dropped) = fan_out(entries, item, user);
+            let (handed, dropped) = fan_out(entries, item, user, &mut Backlog::default());
             if dropped > 0 {
                 self.forget_if_empty(&mut shard, user, dropped);
             }
@@ -130,15 +131,18 @@ impl Members {
         handed
     }
 
-    /// Fans one live frame out to every session on the node.
-    pub fn broadcast(&self, frame: &ByteString) -> usize {
+    /// Fans one live frame out to every session on the node; answers how many took it,
+    /// and how far behind their writers are.
+    pub fn broadcast(&self, frame: &ByteString) -> (usize, Backlog) {
+        let mut backlog = Backlog::default();
         let mut total = 0;
         let mut dropped_total = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let mut emptied = 0;
             for (user, entries) in shard.iter_mut() {
-                let (handed, dropped) = fan_out(entries, || Outbound::Frame(frame.clone()), user);
+                let frame = || Outbound::Frame(frame.clone());
+                let (handed, dropped) = fan_out(entries, frame, user, &mut backlog);
                 total += handed;
                 dropped_total += dropped;
                 emptied += usize::from(entries.is_empty());
@@ -153,7 +157,7 @@ impl Members {
             self.publish_presence();
         }
         self.metrics.delivered(total);
-        total
+        (total, backlog)
     }
 
     /// How many sessions `user` holds on this node.
@@ -182,18 +186,56 @@ impl Members {
     }
 }
 
+/// How long a broadcast's publisher waits, at most, for the node's writers to catch up.
+const BACKLOG_WAIT: Duration = Duration::from_secs(1);
+
+/// The sessions a fan-out left with their queue more than half full.
+///
+/// One broadcast is a frame for every session, and the HTTP side accepts broadcasts far
+/// faster than the writers send 10,000 frames each. Left alone, every queue overflows and
+/// healthy sessions are evicted as slow consumers although only the node is behind. When
+/// most sessions are behind, the publisher of the broadcast waits instead (backpressure);
+/// a few slow peers (a minority behind) never hold a publisher up.
+#[derive(Default)]
+pub struct Backlog {
+    behind: usize,
+    /// One of the sessions behind, watched for when the writers have caught up.
+    sample: Option<QueueSender>,
+}
+
+impl Backlog {
+    /// Waits (up to `BACKLOG_WAIT`) while most of the `handed` sessions are behind.
+    pub async fn wait_if_behind(self, handed: usize) {
+        let Some(sample) = self.sample.filter(|_| self.behind * 2 > handed) else {
+            return;
+        };
+        let deadline = Instant::now() + BACKLOG_WAIT;
+        while sample.len() * 4 > sample.capacity()
+            && !sample.is_closed()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
 /// Hands `item` to every session in `entries`; evicts the ones whose queue is full.
-/// Answers (handed, dropped).
+/// Answers (handed, dropped); counts the sessions it left more than half full in `backlog`.
 fn fan_out(
     entries: &mut Vec<SessionEntry>,
     item: impl Fn() -> Outbound,
     user: &UserId,
+    backlog: &mut Backlog,
 ) -> (usize, usize) {
     let before = entries.len();
     let mut handed = 0;
-    entries.retain(|entry| match entry.outbound.try_send(item()) {
-        Ok(()) => {
+    entries.retain(|entry| match entry.outbound.push(item()) {
+        Ok(queued) => {
             handed += 1;
+            if queued * 2 > entry.outbound.capacity() {
+                backlog.behind += 1;
+                backlog.sample.get_or_insert_with(|| entry.outbound.clone());
+            }
             true
         }
         Err(TrySendError::Full(_)) => {
@@ -206,4 +248,70 @@ fn fan_out(
         Err(TrySendError::Closed(_)) => false,
     });
     (handed, before - entries.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use actix::prelude::*;
+
+    use super::*;
+    use crate::ids::SessionIds;
+    use crate::session::queue;
+
+    struct CountEvictions(Arc<AtomicUsize>);
+
+    impl Actor for CountEvictions {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Evict> for CountEvictions {
+        type Result = ();
+
+        fn handle(&mut self, _: Evict, _: &mut Self::Context) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Writers slower than a broadcast publisher: without the wait, the publisher's loop
+    /// fills every queue (it never yields) and every session is evicted.
+    #[actix::test]
+    async fn a_broadcast_publisher_waits_while_most_writers_are_behind() {
+        const SESSIONS: usize = 20;
+        const CAPACITY: usize = 8;
+        const BROADCASTS: usize = 100;
+        let members = Members::new(Arc::new(Metrics::default()));
+        let evicted = Arc::new(AtomicUsize::new(0));
+        let control = CountEvictions(Arc::clone(&evicted)).start().recipient();
+        let ids = SessionIds::default();
+        let mut writers = Vec::new();
+        for i in 0..SESSIONS {
+            let (outbound, mut queue) = queue::channel(CAPACITY);
+            let entry = SessionEntry {
+                id: ids.next(),
+                outbound,
+                control: control.clone(),
+            };
+            members.join(UserId::parse(&format!("u{i}")).unwrap(), entry);
+            writers.push(actix_rt::spawn(async move {
+                let mut written = 0;
+                while written < BROADCASTS && queue.recv().await.is_some() {
+                    written += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                written
+            }));
+        }
+        let frame = ByteString::from_static(r#"{"type":"broadcast"}"#);
+        for n in 0..BROADCASTS {
+            let (handed, backlog) = members.broadcast(&frame);
+            assert_eq!(handed, SESSIONS, "broadcast {n} reached every session");
+            backlog.wait_if_behind(handed).await;
+        }
+        for writer in writers {
+            assert_eq!(writer.await.unwrap(), BROADCASTS);
+        }
+        assert_eq!(evicted.load(Ordering::SeqCst), 0);
+    }
 }

@@ -136,7 +136,7 @@ impl Handler<Broadcast> for Registry {
 
     /// Fans one live frame out to every session on the node.
     fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> usize {
-        self.members.broadcast(&msg.frame)
+        self.members.broadcast(&msg.frame).0
     }
 }
 

@@ -27,7 +27,9 @@ impl Broker for MemoryBroker {
     }
 
     async fn broadcast(&self, frame: ByteString) -> Result<usize, BrokerError> {
-        Ok(self.members.broadcast(&frame))
+        let (delivered, backlog) = self.members.broadcast(&frame);
+        backlog.wait_if_behind(delivered).await;
+        Ok(delivered)
     }
 
     async fn presence(&self, user: &UserId) -> Result<usize, BrokerError> {

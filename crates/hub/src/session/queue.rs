@@ -57,7 +57,12 @@ pub struct QueueSender(Arc<Shared>);
 impl QueueSender {
     /// Queues `item` unless the queue is full or its reader is gone.
     pub fn try_send(&self, item: Outbound) -> Result<(), TrySendError<Outbound>> {
-        {
+        self.push(item).map(|_| ())
+    }
+
+    /// Like `try_send`; answers how many items the queue holds, `item` included.
+    pub fn push(&self, item: Outbound) -> Result<usize, TrySendError<Outbound>> {
+        let len = {
             let mut state = self.0.lock();
             if state.reader_gone {
                 return Err(TrySendError::Closed(item));
@@ -66,9 +71,28 @@ impl QueueSender {
                 return Err(TrySendError::Full(item));
             }
             state.items.push_back(item);
-        }
+            state.items.len()
+        };
         self.0.reader.wake();
-        Ok(())
+        Ok(len)
+    }
+
+    /// Items waiting for the writer.
+    pub fn len(&self) -> usize {
+        self.0.lock().items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
+    }
+
+    /// The writer is gone: nothing sent now will be read.
+    pub fn is_closed(&self) -> bool {
+        self.0.lock().reader_gone
     }
 }
 
