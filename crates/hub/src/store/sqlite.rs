@@ -90,10 +90,12 @@ pub struct SqliteStore {
     retention: Retention,
 }
 
-/// The stored range of users appended to since the store opened (until their rows
-/// expire), kept exact by the writer (which sees every append) and published only once a
-/// commit is durable: appends assign seqs without reading SQLite, and `head` mostly
-/// answers from memory.
+/// The stored range of every user with history: read once at open, then kept exact by
+/// the writer (which sees every append) and published only once a commit is durable.
+/// Appends assign seqs without reading SQLite, and `head` answers from memory: a user it
+/// does not know has no history (most subscribers, most of the time), so a subscribe
+/// needs no SQLite read and no hop to a blocking thread. It costs one entry per user
+/// with history, as the `users` table does on disk.
 #[derive(Default)]
 struct Heads(Mutex<HashMap<UserId, Cached>>);
 
@@ -132,12 +134,58 @@ impl Heads {
         }
     }
 
-    /// Drops users with nothing stored within retention: memory then holds no more users
-    /// than the store holds rows for. A dropped user is read from SQLite when next needed.
-    fn forget_expired(&self, cutoff_ms: i64) {
-        if let Ok(mut heads) = self.0.lock() {
-            heads.retain(|_, cached| cached.oldest.is_some_and(|o| o.ts_ms >= cutoff_ms));
+    /// Whether `user` has any history (memory knows every such user).
+    fn knows(&self, user: &UserId) -> bool {
+        self.0.lock().is_ok_and(|heads| heads.contains_key(user))
+    }
+
+    /// Every user with history, as the file holds it: the last seq (newest row, or what
+    /// a prune recorded) and the oldest row. One pass over each table's key order.
+    fn load(conn: &Connection) -> rusqlite::Result<Self> {
+        let mut heads: HashMap<UserId, Cached> = HashMap::new();
+        let valid = |user: String| match UserId::parse(&user) {
+            Ok(user) => Some(user),
+            Err(e) => {
+                tracing::warn!(user, error = %e, "store holds an invalid user id; ignored");
+                None
+            }
+        };
+        let mut recorded = conn.prepare("SELECT user, last_seq FROM users")?;
+        let rows = recorded.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (user, last_seq) = row?;
+            if let Some(user) = valid(user) {
+                let cached = Cached {
+                    last_seq: last_seq as Seq,
+                    oldest: None,
+                };
+                heads.insert(user, cached);
+            }
         }
+        let mut ranges = conn.prepare(
+            "SELECT n.user, n.seq, n.ts_ms, r.last FROM
+               (SELECT user, MIN(seq) AS first, MAX(seq) AS last FROM notifications GROUP BY user) r
+             JOIN notifications n ON n.user = r.user AND n.seq = r.first",
+        )?;
+        let rows = ranges.query_map([], |r| {
+            let oldest = Oldest {
+                seq: r.get::<_, i64>(1)? as Seq,
+                ts_ms: r.get(2)?,
+            };
+            Ok((r.get::<_, String>(0)?, oldest, r.get::<_, i64>(3)? as Seq))
+        })?;
+        for row in rows {
+            let (user, oldest, newest) = row?;
+            if let Some(user) = valid(user) {
+                let cached = heads.entry(user).or_insert(Cached {
+                    last_seq: 0,
+                    oldest: None,
+                });
+                cached.last_seq = cached.last_seq.max(newest);
+                cached.oldest = Some(oldest);
+            }
+        }
+        Ok(Self(Mutex::new(heads)))
     }
 
     /// Publishes what one durable commit changed.
@@ -180,7 +228,7 @@ impl SqliteStore {
         let probe = readers.open().map_err(|e| open_err(e.to_string()))?;
         readers.put(probe);
 
-        let heads = Arc::new(Heads::default());
+        let heads = Arc::new(Heads::load(&writer).map_err(|e| open_err(e.to_string()))?);
         let (tx, rx) = std_mpsc::channel();
         let writer_heads = Arc::clone(&heads);
         thread::Builder::new()
@@ -263,7 +311,13 @@ impl Store for SqliteStore {
         if let Some(head) = self.heads.head(user, cutoff) {
             return Ok(head);
         }
-        // Not appended to since the store opened (or its oldest row expired): what is
+        if !self.heads.knows(user) {
+            return Ok(Head {
+                first_seq: 1,
+                last_seq: 0,
+            });
+        }
+        // Its remembered oldest row expired: the new oldest is in SQLite. What is
         // committed is what memory would say, since memory changes only after commits.
         let user = user.clone();
         self.readers
@@ -441,9 +495,6 @@ impl Writer {
             tx.commit()?;
             Ok((n, m))
         })();
-        if result.is_ok() {
-            self.heads.forget_expired(cutoff);
-        }
         match result {
             Ok((0, 0)) => {}
             Ok((notifications, keys)) => tracing::debug!(notifications, keys, "retention pruned"),
@@ -737,6 +788,15 @@ mod tests {
             next_seq(&store, &user).await,
             4,
             "seqs continue after a restart"
+        );
+        let nobody = UserId::parse("nobody").unwrap();
+        assert_eq!(
+            store.head(&nobody).await.unwrap(),
+            Head {
+                first_seq: 1,
+                last_seq: 0
+            },
+            "a user the reopened store never stored anything for"
         );
     }
 
