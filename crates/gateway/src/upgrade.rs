@@ -60,7 +60,7 @@ fn accept(state: &AppState, req: &Request) -> Result<(Subscription, Response<()>
         return Err(ApiError::MethodNotAllowed { allow: "GET" });
     }
     // Not UTF-8 once decoded: the id check refuses the replacement characters.
-    let user = String::from_utf8_lossy(&percent_decode_str(user).collect::<Vec<u8>>()).into_owned();
+    let user = percent_decode_str(user).decode_utf8_lossy();
     let subscription = subscribe::check(state, &user, req.uri().query().unwrap_or_default())?;
     let response = ws::handshake(req.head())
         .map_err(|_| ApiError::NotWebSocket)?

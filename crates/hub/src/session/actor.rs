@@ -137,7 +137,6 @@ impl Session {
                 timeout_ms: config.heartbeat.timeout.as_millis() as u64,
             },
             gap_wait: config.gap_wait,
-            capacity: config.session_queue,
         };
         let handle = ctx.spawn(writer.run().into_actor(self).map(|result, act, ctx| {
             act.writer = None;

@@ -133,6 +133,10 @@ impl QueueReceiver {
         .await
     }
 
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
+    }
+
     pub fn try_recv(&mut self) -> Result<Outbound, TryRecvError> {
         let mut state = self.0.lock();
         match state.items.pop_front() {

@@ -18,8 +18,7 @@ use super::queue::{QueueReceiver, TryRecvError};
 use crate::ids::{Seq, SessionId, UserId};
 use crate::protocol::{self, HeartbeatInfo};
 use crate::store::{Store, StoreError};
-use crate::transport::FLUSH_AT;
-use crate::transport::{FrameSink, PeerGone};
+use crate::transport::{FLUSH_AT, FrameSink, PeerGone};
 
 /// Notifications read from the store per query during replay and gap fill.
 const PAGE: usize = 500;
@@ -49,8 +48,6 @@ pub(crate) struct Writer {
     pub since: Option<Seq>,
     pub heartbeat: HeartbeatInfo,
     pub gap_wait: Duration,
-    /// The queue's capacity: also the bound on control frames held during a replay.
-    pub capacity: usize,
 }
 
 impl Writer {
@@ -140,7 +137,8 @@ impl Writer {
         let mut replay = Replay {
             newest_live: 0,
             held: Vec::new(),
-            capacity: self.capacity,
+            // The queue's bound is also the bound on control frames held during a replay.
+            capacity: self.queue.capacity(),
         };
         let (store, user) = (Arc::clone(&self.store), self.user.clone());
         let head = match self.since {
