@@ -2,6 +2,8 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+mod journal;
+mod pending;
 mod redis;
 mod sqlite;
 

@@ -1,18 +1,28 @@
-//! The embedded store: SQLite in WAL mode, one writer thread that group-commits, pooled readers.
+//! The embedded store: a writer thread makes appends durable in a journal, an indexer thread
+//! puts them into SQLite (WAL mode) off the publish path, and reads see both.
+//!
+//! Why two steps: with rows keyed by (user, seq), a transaction per batch wrote a whole
+//! 4 KiB WAL page per ~200-byte row and synced them all; half of a publish's CPU went there
+//! (BENCHMARKS.md). The journal appends the rows and syncs once per batch; SQLite commits
+//! every [`INDEX_EVERY`] without syncing, and is synced by a checkpoint before the journal
+//! segments it covers are deleted. A crash loses nothing acknowledged: the next start
+//! replays the journal into SQLite.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytestring::ByteString;
 use rusqlite::config::DbConfig;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Semaphore, oneshot};
 
+use super::journal::{self, Journal, Record, SegmentNo};
+use super::pending::{Pending, Visible};
 use super::{Appended, Draft, Head, Notification, Receipt, Store, StoreError, Stored};
 use crate::config::Retention;
 use crate::ids::{Seq, UserId};
@@ -23,22 +33,31 @@ use crate::protocol;
 /// not on every append; a user's last seq is the larger of it and their newest row.
 /// A version 1 file is a valid version 2 file (its `users` are exact) and is upgraded
 /// in place; a version 1 build refuses a version 2 file, since it would reuse seqs.
+/// The journal beside the file changes nothing in it.
 const SCHEMA_VERSION: i64 = 2;
 /// File name inside `store.path`.
 pub const DB_FILE: &str = "herald.sqlite3";
-/// Appends committed in one transaction at most; bounds one commit's latency.
+/// Appends made durable by one journal write at most; bounds one batch's latency.
 const MAX_BATCH: usize = 4096;
 /// Concurrent read connections; reads are short, more would only contend on the disk.
 const MAX_READERS: usize = 4;
-/// The writer's page cache in KiB (SQLite's default is 2 MB): pages of users' recent
-/// rows, so that appends to many users read fewer pages back from the file (measured:
-/// fewer `pread`s; the throughput difference was within this machine's noise).
-const WRITER_CACHE_KIB: i64 = 16 * 1024;
-/// WAL pages before the writer copies them into the main file (SQLite's default: 1,000).
+/// The indexer's page cache in KiB (SQLite's default is 2 MB): pages of users' recent
+/// rows, so that appends to many users read fewer pages back from the file.
+const INDEX_CACHE_KIB: i64 = 16 * 1024;
+/// WAL pages before a commit copies them into the main file (SQLite's default: 1,000).
 /// Appends to many users dirty pages all over the file; a longer WAL holds many versions
-/// of the same page, and the checkpoint writes each page once (measured: about 8 µs less
-/// CPU per publish, unicast to 10,000 users). Costs up to ~40 MB of WAL on disk.
+/// of the same page, and the checkpoint writes each page once. Costs up to ~40 MB of WAL.
 const WAL_CHECKPOINT_PAGES: u32 = 10_000;
+/// The indexer commits at least this often while it has rows, and at most this late:
+/// longer windows write a page once for several of its rows, and keep more in memory.
+const INDEX_EVERY: Duration = Duration::from_millis(1000);
+/// ... or once this many rows wait, whichever comes first.
+const INDEX_ROWS: usize = 32_768;
+/// Journaled batches the indexer may lag behind; then the writer waits (backpressure),
+/// which bounds the memory of rows not yet in SQLite.
+const INDEX_QUEUE: usize = 4096;
+/// How often the indexer tries to checkpoint while sealed journal segments wait for it.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 const SCHEMA: &str = "
 CREATE TABLE users (
@@ -65,6 +84,7 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_by_age ON idempotency (ts_ms);
 ";
 
+/// What the store asks of its writer thread.
 enum Command {
     Append {
         user: UserId,
@@ -81,17 +101,38 @@ enum Command {
     },
 }
 
-/// SQLite-backed [`Store`]. Writes go through one thread so seq assignment is
-/// trivially atomic and many publishes share one fsync.
+/// What the writer hands the indexer, in journal order.
+enum IndexJob {
+    Rows(Vec<Row>),
+    Delivered {
+        user: UserId,
+        key: String,
+        delivered: usize,
+    },
+    /// Every row of this segment came before; it may go once a checkpoint covers them.
+    Sealed(SegmentNo),
+    Close(oneshot::Sender<()>),
+}
+
+/// A journaled append on its way into SQLite.
+struct Row {
+    record: Record,
+    /// The per-user count dropped the user's rows up to this seq.
+    trim_through: Option<Seq>,
+}
+
+/// SQLite-backed [`Store`] with a journal in front. Appends go through one thread so seq
+/// assignment is trivially atomic and many publishes share one `fdatasync`.
 pub struct SqliteStore {
     commands: Mutex<Option<std_mpsc::Sender<Command>>>,
     readers: Arc<ReaderPool>,
     heads: Arc<Heads>,
+    pending: Arc<Pending>,
     retention: Retention,
 }
 
 /// The stored range of every user with history: read once at open, then kept exact by
-/// the writer (which sees every append) and published only once a commit is durable.
+/// the writer (which sees every append) and published only once an append is durable.
 /// Appends assign seqs without reading SQLite, and `head` answers from memory: a user it
 /// does not know has no history (most subscribers, most of the time), so a subscribe
 /// needs no SQLite read and no hop to a blocking thread. It costs one entry per user
@@ -102,8 +143,9 @@ struct Heads(Mutex<HashMap<UserId, Cached>>);
 #[derive(Debug, Clone, Copy)]
 struct Cached {
     last_seq: Seq,
-    /// The user's oldest stored row, `None` when nothing is stored. After a background
-    /// prune it may name a deleted row; its age then gives it away (older than retention).
+    /// The user's oldest stored row, `None` when nothing is stored. It may be older than
+    /// the real one (a background prune, a row dropped by the per-user count): its age
+    /// then sends `head` to SQLite, which finds the real one.
     oldest: Option<Oldest>,
 }
 
@@ -132,11 +174,6 @@ impl Heads {
             }),
             Some(_) => None,
         }
-    }
-
-    /// Whether `user` has any history (memory knows every such user).
-    fn knows(&self, user: &UserId) -> bool {
-        self.0.lock().is_ok_and(|heads| heads.contains_key(user))
     }
 
     /// Every user with history, as the file holds it: the last seq (newest row, or what
@@ -188,17 +225,28 @@ impl Heads {
         Ok(Self(Mutex::new(heads)))
     }
 
-    /// Publishes what one durable commit changed.
+    /// Publishes what one durable batch changed.
     fn apply(&self, staged: HashMap<UserId, Cached>) {
         if let Ok(mut heads) = self.0.lock() {
             heads.extend(staged);
         }
     }
+
+    /// Replaces a stale oldest row with what SQLite found, unless an append got there first.
+    fn refresh_oldest(&self, user: &UserId, seen: Cached, oldest: Option<Oldest>) {
+        if let Ok(mut heads) = self.0.lock()
+            && let Some(cached) = heads.get_mut(user)
+            && cached.last_seq == seen.last_seq
+        {
+            cached.oldest = oldest;
+        }
+    }
 }
 
 impl SqliteStore {
-    /// Opens (or creates) the store in folder `dir`. Refuses anything it cannot
-    /// read as its own schema; never truncates or overwrites an existing file.
+    /// Opens (or creates) the store in folder `dir` and replays its journal into SQLite.
+    /// Refuses anything it cannot read as its own schema; never truncates or overwrites
+    /// an existing file, and touches nothing before the file is accepted.
     pub fn open(dir: &Path, retention: Retention, fsync: bool) -> Result<Self, StoreError> {
         let file = dir.join(DB_FILE);
         let open_err = |reason: String| StoreError::Open {
@@ -210,7 +258,7 @@ impl SqliteStore {
             reason: e.to_string(),
         })?;
 
-        let writer = Connection::open_with_flags(
+        let conn = Connection::open_with_flags(
             &file,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )
@@ -218,37 +266,60 @@ impl SqliteStore {
         // Closing the last connection would otherwise checkpoint the WAL into the main
         // file and delete it: a refused start would write to the very store it refused.
         // `close` checkpoints explicitly instead.
-        writer
-            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(|e| open_err(e.to_string()))?;
-        prepare_writer(&writer, fsync).map_err(open_err)?;
+        prepare_index(&conn, fsync).map_err(open_err)?;
 
         let readers = Arc::new(ReaderPool::new(file.clone()));
         // Open one reader now so a store we can write but not read fails at start.
         let probe = readers.open().map_err(|e| open_err(e.to_string()))?;
         readers.put(probe);
+        let lookup = readers.open().map_err(|e| open_err(e.to_string()))?;
 
-        let heads = Arc::new(Heads::load(&writer).map_err(|e| open_err(e.to_string()))?);
+        let pending = Arc::new(Pending::default());
+        let mut indexer = Indexer {
+            conn,
+            dir: dir.to_path_buf(),
+            retention,
+            pending: Arc::clone(&pending),
+            in_tx: false,
+            broken: false,
+            unindexed: Vec::new(),
+            oldest_unindexed: None,
+            sealed: Vec::new(),
+            last_checkpoint: Instant::now(),
+        };
+        let replayed = indexer.recover().map_err(open_err)?;
+        let heads = Arc::new(Heads::load(&indexer.conn).map_err(|e| open_err(e.to_string()))?);
+        let journal = Journal::create(dir, fsync).map_err(|e| open_err(e.to_string()))?;
+
+        let (index_tx, index_rx) = std_mpsc::sync_channel(INDEX_QUEUE);
+        thread::Builder::new()
+            .name("herald-index".into())
+            .spawn(move || indexer.run(index_rx))
+            .map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = std_mpsc::channel();
-        let writer_heads = Arc::clone(&heads);
+        let writer = Writer {
+            journal,
+            lookup,
+            heads: Arc::clone(&heads),
+            pending: Arc::clone(&pending),
+            retention,
+            index: index_tx,
+            failed: None,
+            batches: 0,
+            commands: 0,
+        };
         thread::Builder::new()
             .name("herald-store".into())
-            .spawn(move || {
-                Writer {
-                    conn: writer,
-                    retention,
-                    heads: writer_heads,
-                    commits: 0,
-                    commands: 0,
-                }
-                .run(rx)
-            })
+            .spawn(move || writer.run(rx))
             .map_err(|e| open_err(e.to_string()))?;
-        tracing::info!(path = %file.display(), fsync, "store opened");
+        tracing::info!(path = %file.display(), fsync, replayed, "store opened");
         Ok(Self {
             commands: Mutex::new(Some(tx)),
             readers,
             heads,
+            pending,
             retention,
         })
     }
@@ -264,6 +335,15 @@ impl SqliteStore {
 
     fn cutoff_ms(&self) -> i64 {
         now_ms() - self.retention.max_age.as_millis() as i64
+    }
+
+    /// What retention shows of `user`'s rows now.
+    fn visible(&self, user: &UserId) -> Visible {
+        let last = self.heads.get(user).map_or(0, |h| h.last_seq);
+        Visible {
+            above_seq: last.saturating_sub(self.retention.per_user),
+            since_ms: self.cutoff_ms(),
+        }
     }
 }
 
@@ -285,15 +365,24 @@ impl Store for SqliteStore {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Stored>, StoreError> {
-        let (user, cutoff) = (user.clone(), self.cutoff_ms());
-        self.readers
+        let visible = self.visible(user);
+        // Memory before SQLite: a row the indexer commits in between is then in both.
+        let unindexed = self.pending.read(user, after, limit, visible);
+        if unindexed.first().is_some_and(|row| row.seq == after + 1) {
+            // Everything after `after` is still in memory (rows are pending in seq order).
+            return Ok(unindexed);
+        }
+        let user = user.clone();
+        let mut rows = self
+            .readers
             .with(move |conn| {
                 let mut stmt = conn.prepare_cached(
                     "SELECT seq, frame FROM notifications
                      WHERE user = ?1 AND seq > ?2 AND ts_ms >= ?3 ORDER BY seq LIMIT ?4",
                 )?;
+                let after = after.max(visible.above_seq);
                 let rows = stmt.query_map(
-                    params![user.as_str(), after as i64, cutoff, limit as i64],
+                    params![user.as_str(), after as i64, visible.since_ms, limit as i64],
                     |row| {
                         Ok(Stored {
                             seq: row.get::<_, i64>(0)? as Seq,
@@ -301,41 +390,57 @@ impl Store for SqliteStore {
                         })
                     },
                 )?;
-                rows.collect()
+                rows.collect::<rusqlite::Result<Vec<_>>>()
             })
-            .await
+            .await?;
+        let newest = rows.last().map_or(after, |row| row.seq);
+        let room = limit.saturating_sub(rows.len());
+        rows.extend(
+            unindexed
+                .into_iter()
+                .filter(|row| row.seq > newest)
+                .take(room),
+        );
+        Ok(rows)
     }
 
     async fn head(&self, user: &UserId) -> Result<Head, StoreError> {
-        let cutoff = self.cutoff_ms();
-        if let Some(head) = self.heads.head(user, cutoff) {
+        if let Some(head) = self.heads.head(user, self.cutoff_ms()) {
             return Ok(head);
         }
-        if !self.heads.knows(user) {
+        let Some(seen) = self.heads.get(user) else {
             return Ok(Head {
                 first_seq: 1,
                 last_seq: 0,
             });
-        }
-        // Its remembered oldest row expired: the new oldest is in SQLite. What is
-        // committed is what memory would say, since memory changes only after commits.
-        let user = user.clone();
-        self.readers
+        };
+        // The remembered oldest row expired or was dropped: the real one is the oldest
+        // visible in SQLite, else in memory. Memory's last seq is exact.
+        let visible = self.visible(user);
+        let unindexed = self.pending.oldest(user, visible);
+        let owner = user.clone();
+        let indexed = self
+            .readers
             .with(move |conn| {
-                let tx = conn.unchecked_transaction()?;
-                let last = last_seq(&tx, &user)?;
-                let first: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT MIN(seq) FROM notifications WHERE user = ?1 AND ts_ms >= ?2",
-                    )?
-                    .query_row(params![user.as_str(), cutoff], |r| r.get(0))?;
-                tx.finish()?;
-                Ok(Head {
-                    first_seq: first.map_or(last + 1, |f| f as Seq),
-                    last_seq: last,
-                })
+                conn.prepare_cached(
+                    "SELECT seq, ts_ms FROM notifications
+                     WHERE user = ?1 AND seq > ?2 AND ts_ms >= ?3 ORDER BY seq LIMIT 1",
+                )?
+                .query_row(
+                    params![owner.as_str(), visible.above_seq as i64, visible.since_ms],
+                    |r| Ok((r.get::<_, i64>(0)? as Seq, r.get::<_, i64>(1)?)),
+                )
+                .optional()
             })
-            .await
+            .await?;
+        let oldest = indexed
+            .or(unindexed)
+            .map(|(seq, ts_ms)| Oldest { seq, ts_ms });
+        self.heads.refresh_oldest(user, seen, oldest);
+        Ok(Head {
+            first_seq: oldest.map_or(seen.last_seq + 1, |o| o.seq),
+            last_seq: seen.last_seq,
+        })
     }
 
     async fn record_delivered(
@@ -363,30 +468,33 @@ impl Store for SqliteStore {
     }
 }
 
-/// The single writer: batches appends into one transaction per fsync.
+/// The single writer: assigns seqs, journals each batch with one sync, then answers.
 struct Writer {
-    conn: Connection,
-    retention: Retention,
+    journal: Journal,
+    /// Read-only: idempotency keys the index already holds.
+    lookup: Connection,
     heads: Arc<Heads>,
-    commits: u64,
+    pending: Arc<Pending>,
+    retention: Retention,
+    index: std_mpsc::SyncSender<IndexJob>,
+    /// Set when a journal write failed: what reached the disk is unknown, so no later
+    /// append may reuse its seqs. A restart replays whatever is whole.
+    failed: Option<String>,
+    batches: u64,
     commands: u64,
+}
+
+/// One batch being staged: heads and keys it changed, published once it is durable.
+#[derive(Default)]
+struct Staged {
+    heads: HashMap<UserId, Cached>,
+    keys: HashMap<(UserId, String), Receipt>,
+    rows: Vec<Row>,
 }
 
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Command>) {
-        let prune_every =
-            (self.retention.max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let mut last_prune = std::time::Instant::now();
-        loop {
-            let first = match rx.recv_timeout(prune_every) {
-                Ok(cmd) => cmd,
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    self.prune();
-                    last_prune = std::time::Instant::now();
-                    continue;
-                }
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            };
+        while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -394,95 +502,453 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commits += 1;
+            self.batches += 1;
             self.commands += batch.len() as u64;
-            let close = self.commit(batch);
-            if last_prune.elapsed() >= prune_every {
-                self.prune();
-                last_prune = std::time::Instant::now();
-            }
-            if let Some(reply) = close {
-                self.prune();
-                if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
-                    tracing::warn!(error = %e, "store checkpoint at close failed");
-                }
+            if let Some(reply) = self.commit(batch) {
                 tracing::info!(
-                    commits = self.commits,
+                    batches = self.batches,
                     commands = self.commands,
-                    "store closed"
+                    "store writer closed"
                 );
-                let _ = reply.send(());
+                let _ = self.index.send(IndexJob::Sealed(self.journal.segment()));
+                let _ = self.index.send(IndexJob::Close(reply));
                 return;
             }
         }
     }
 
-    /// Commits one batch; answers every append only after the commit is durable.
+    /// Journals one batch; answers every append only once its record is durable.
     fn commit(&mut self, batch: Vec<Command>) -> Option<oneshot::Sender<()>> {
-        let mut close = None;
+        let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
+        let mut staged = Staged::default();
         let mut replies = Vec::with_capacity(batch.len());
-        // Heads this batch changed; published once the commit is durable.
-        let mut staged = HashMap::new();
-        let result: rusqlite::Result<()> = (|| {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
-            let mut appender = Appender {
-                tx: &tx,
-                heads: &self.heads,
-                staged: &mut staged,
-                per_user: self.retention.per_user,
-                cutoff,
-            };
-            for cmd in batch {
-                match cmd {
-                    Command::Append { user, draft, reply } => {
-                        let outcome = appender.append(&user, draft)?;
-                        replies.push((reply, outcome));
-                    }
-                    Command::Delivered {
+        let mut later = Vec::new();
+        let mut close = None;
+        for cmd in batch {
+            match cmd {
+                Command::Append { user, draft, reply } => {
+                    let outcome = match &self.failed {
+                        Some(failure) => Err(StoreError::Backend(format!(
+                            "the journal failed earlier ({failure}); restart Herald"
+                        ))),
+                        None => self.stage(&user, draft, cutoff, &mut staged),
+                    };
+                    replies.push((reply, outcome));
+                }
+                Command::Delivered {
+                    user,
+                    key,
+                    delivered,
+                } => {
+                    self.pending.set_delivered(&user, &key, delivered);
+                    later.push(IndexJob::Delivered {
                         user,
                         key,
                         delivered,
-                    } => {
-                        tx.prepare_cached(
-                            "UPDATE idempotency SET delivered = ?3 WHERE user = ?1 AND key = ?2",
-                        )?
-                        .execute(params![
-                            user.as_str(),
-                            key,
-                            delivered as i64
-                        ])?;
+                    });
+                }
+                Command::Close { reply } => close = Some(reply),
+            }
+        }
+        if !staged.rows.is_empty() {
+            match self
+                .journal
+                .append(staged.rows.iter().map(|row| &row.record))
+            {
+                Ok(()) => {
+                    // Rows before heads: whoever sees a new last seq also finds its row.
+                    self.pending.add(staged.rows.iter().map(|row| &row.record));
+                    self.heads.apply(staged.heads);
+                    // Blocks while the indexer is INDEX_QUEUE batches behind.
+                    let _ = self.index.send(IndexJob::Rows(staged.rows));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "journal write failed; appends refused until a restart");
+                    let failure = e.to_string();
+                    for (_, outcome) in &mut replies {
+                        *outcome = Err(StoreError::Backend(failure.clone()));
                     }
-                    Command::Close { reply } => close = Some(reply),
+                    self.failed = Some(failure);
                 }
             }
-            tx.commit()
-        })();
-        match result {
-            Ok(()) => {
-                self.heads.apply(staged);
-                for (reply, outcome) in replies {
-                    let _ = reply.send(Ok(outcome));
+        }
+        for job in later {
+            let _ = self.index.send(job);
+        }
+        for (reply, outcome) in replies {
+            let _ = reply.send(outcome);
+        }
+        if self.failed.is_none() && self.journal.is_full() {
+            match self.journal.rotate() {
+                Ok(sealed) => {
+                    let _ = self.index.send(IndexJob::Sealed(sealed));
                 }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed; the batch was rolled back");
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                Err(e) => {
+                    tracing::error!(error = %e, "journal rotation failed; appends refused until a restart");
+                    self.failed = Some(e.to_string());
                 }
             }
         }
         close
     }
 
+    /// Gives the append its seq and frame, or finds the receipt of its idempotency key.
+    fn stage(
+        &self,
+        user: &UserId,
+        draft: Draft,
+        cutoff: i64,
+        staged: &mut Staged,
+    ) -> Result<Appended, StoreError> {
+        if let Some(key) = &draft.idempotency_key
+            && let Some(receipt) = self.receipt(user, key, cutoff, staged)?
+        {
+            return Ok(Appended::Duplicate(receipt));
+        }
+        let mut head = match staged.heads.get(user) {
+            Some(head) => *head,
+            None => self.heads.get(user).unwrap_or(Cached {
+                last_seq: 0,
+                oldest: None,
+            }),
+        };
+        let seq = head.last_seq + 1;
+        let frame = protocol::notification_frame(
+            &draft.id,
+            seq,
+            draft.event.as_deref(),
+            &draft.data,
+            &draft.ts,
+        );
+        head.last_seq = seq;
+        let oldest = *head.oldest.get_or_insert(Oldest {
+            seq,
+            ts_ms: draft.ts_ms,
+        });
+        // Keeps the newest `per_user`; the row just written is never among those dropped.
+        let keep_after = seq.saturating_sub(self.retention.per_user);
+        let trim_through = (oldest.seq <= keep_after).then_some(keep_after);
+        if trim_through.is_some() {
+            // The dropped row's age stands in for the new oldest's (never younger).
+            head.oldest = Some(Oldest {
+                seq: keep_after + 1,
+                ts_ms: oldest.ts_ms,
+            });
+        }
+        staged.heads.insert(user.clone(), head);
+        let key = draft.idempotency_key.map(|key| {
+            let receipt = Receipt {
+                id: draft.id.clone(),
+                seq,
+                delivered: 0,
+            };
+            staged.keys.insert((user.clone(), key.clone()), receipt);
+            (key, draft.id.clone())
+        });
+        let record = Record {
+            user: user.clone(),
+            seq,
+            ts_ms: draft.ts_ms,
+            frame: frame.clone(),
+            key,
+        };
+        staged.rows.push(Row {
+            record,
+            trim_through,
+        });
+        Ok(Appended::New(Notification {
+            user: user.clone(),
+            id: draft.id,
+            seq,
+            frame,
+        }))
+    }
+
+    /// The first receipt for `key` within retention: this batch, then memory, then SQLite
+    /// (the indexer drops a key from memory only after committing it).
+    fn receipt(
+        &self,
+        user: &UserId,
+        key: &str,
+        cutoff: i64,
+        staged: &Staged,
+    ) -> Result<Option<Receipt>, StoreError> {
+        if let Some(receipt) = staged.keys.get(&(user.clone(), key.to_owned())) {
+            return Ok(Some(receipt.clone()));
+        }
+        if let Some(receipt) = self.pending.receipt(user, key, cutoff) {
+            return Ok(Some(receipt));
+        }
+        self.lookup
+            .prepare_cached(
+                "SELECT id, seq, delivered FROM idempotency WHERE user = ?1 AND key = ?2 AND ts_ms >= ?3",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![user.as_str(), key, cutoff], |r| {
+                    Ok(Receipt {
+                        id: r.get(0)?,
+                        seq: r.get::<_, i64>(1)? as Seq,
+                        delivered: r.get::<_, i64>(2)? as usize,
+                    })
+                })
+                .optional()
+            })
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+}
+
+/// Puts journaled rows into SQLite: one open transaction, committed every [`INDEX_EVERY`]
+/// without a sync; a checkpoint syncs it before the journal segments it covers go.
+struct Indexer {
+    conn: Connection,
+    dir: PathBuf,
+    retention: Retention,
+    pending: Arc<Pending>,
+    in_tx: bool,
+    /// A statement failed: the open transaction is rolled back and redone at the next commit.
+    broken: bool,
+    /// Rows in the open transaction, oldest first; memory serves them until it commits.
+    unindexed: Vec<Row>,
+    oldest_unindexed: Option<Instant>,
+    sealed: Vec<SegmentNo>,
+    last_checkpoint: Instant,
+}
+
+impl Indexer {
+    fn run(mut self, rx: std_mpsc::Receiver<IndexJob>) {
+        let prune_every =
+            (self.retention.max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut last_prune = Instant::now();
+        loop {
+            let wait = match self.oldest_unindexed {
+                Some(since) => INDEX_EVERY.saturating_sub(since.elapsed()),
+                None => prune_every.saturating_sub(last_prune.elapsed()),
+            };
+            match rx.recv_timeout(wait) {
+                Ok(IndexJob::Rows(rows)) => {
+                    for row in rows {
+                        self.apply(row);
+                    }
+                }
+                Ok(IndexJob::Delivered {
+                    user,
+                    key,
+                    delivered,
+                }) => self.record_delivered(&user, &key, delivered),
+                Ok(IndexJob::Sealed(segment)) => self.sealed.push(segment),
+                Ok(IndexJob::Close(reply)) => {
+                    self.close();
+                    let _ = reply.send(());
+                    return;
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    self.flush();
+                    return;
+                }
+            }
+            let due = self
+                .oldest_unindexed
+                .is_some_and(|since| since.elapsed() >= INDEX_EVERY);
+            if due || self.unindexed.len() >= INDEX_ROWS {
+                self.flush();
+                if !self.sealed.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                    self.checkpoint("PASSIVE");
+                }
+            }
+            if last_prune.elapsed() >= prune_every {
+                self.flush();
+                self.prune();
+                last_prune = Instant::now();
+            }
+        }
+    }
+
+    /// Replays the journal into SQLite (rows it does not hold yet), commits and checkpoints,
+    /// then deletes the replayed segments. Answers how many rows it replayed.
+    fn recover(&mut self) -> Result<usize, String> {
+        let mut last: HashMap<UserId, Seq> = HashMap::new();
+        let mut replayed = Vec::new();
+        let per_user = self.retention.per_user;
+        let conn = &self.conn;
+        let segments = journal::replay(&self.dir, |record| {
+            let known = match last.get(&record.user) {
+                Some(seq) => *seq,
+                None => last_seq(conn, &record.user).map_err(|e| journal::JournalError::Io {
+                    path: DB_FILE.into(),
+                    source: std::io::Error::other(e),
+                })?,
+            };
+            if record.seq > known {
+                last.insert(record.user.clone(), record.seq);
+                let trim_through = record.seq.checked_sub(per_user).filter(|&s| s > 0);
+                replayed.push(Row {
+                    record,
+                    trim_through,
+                });
+            } else {
+                last.insert(record.user.clone(), known);
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        let count = replayed.len();
+        if count > 0 {
+            tracing::warn!(
+                rows = count,
+                "replaying journaled appends the index did not hold (the last stop was not clean)"
+            );
+        }
+        self.begin().map_err(|e| e.to_string())?;
+        for row in &replayed {
+            self.write(row).map_err(|e| e.to_string())?;
+        }
+        self.conn
+            .execute_batch("COMMIT")
+            .map_err(|e| e.to_string())?;
+        self.in_tx = false;
+        self.sealed = segments;
+        if !self.sealed.is_empty() {
+            self.checkpoint("TRUNCATE");
+        }
+        Ok(count)
+    }
+
+    fn begin(&mut self) -> rusqlite::Result<()> {
+        if !self.in_tx {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    /// Adds a journaled row to the open transaction.
+    fn apply(&mut self, row: Row) {
+        if !self.broken
+            && let Err(e) = self.begin().and_then(|()| self.write(&row))
+        {
+            tracing::error!(error = %e, "indexing failed; retried at the next commit (the journal holds the rows)");
+            self.broken = true;
+        }
+        self.oldest_unindexed.get_or_insert_with(Instant::now);
+        self.unindexed.push(row);
+    }
+
+    fn write(&self, row: &Row) -> rusqlite::Result<()> {
+        let r = &row.record;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![r.user.as_str(), r.seq as i64, r.ts_ms, &*r.frame])?;
+        if let Some(through) = row.trim_through {
+            self.conn
+                .prepare_cached("DELETE FROM notifications WHERE user = ?1 AND seq <= ?2")?
+                .execute(params![r.user.as_str(), through as i64])?;
+        }
+        if let Some((key, id)) = &r.key {
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO idempotency (user, key, id, seq, delivered, ts_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                )?
+                .execute(params![r.user.as_str(), key, id, r.seq as i64, r.ts_ms])?;
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction; then memory lets its rows go. A failed commit is
+    /// rolled back and redone from `unindexed` next time.
+    fn flush(&mut self) {
+        if self.unindexed.is_empty() {
+            return;
+        }
+        let committed = (|| {
+            if self.broken {
+                if self.in_tx {
+                    self.in_tx = false;
+                    self.conn.execute_batch("ROLLBACK")?;
+                }
+                self.begin()?;
+                for row in &self.unindexed {
+                    self.write(row)?;
+                }
+            }
+            self.conn.execute_batch("COMMIT")
+        })();
+        self.in_tx = false;
+        match committed {
+            Ok(()) => {
+                self.broken = false;
+                self.oldest_unindexed = None;
+                self.pending
+                    .indexed(self.unindexed.iter().map(|row| &row.record));
+                self.unindexed.clear();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, rows = self.unindexed.len(), "index commit failed; retried (the journal holds the rows)");
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.broken = true;
+                self.oldest_unindexed = Some(Instant::now());
+            }
+        }
+    }
+
+    fn record_delivered(&mut self, user: &UserId, key: &str, delivered: usize) {
+        let updated = self.begin().and_then(|()| {
+            self.conn
+                .prepare_cached(
+                    "UPDATE idempotency SET delivered = ?3 WHERE user = ?1 AND key = ?2",
+                )?
+                .execute(params![user.as_str(), key, delivered as i64])
+        });
+        if let Err(e) = updated {
+            // Only what a repeated publish reports as `delivered` is at stake.
+            tracing::warn!(error = %e, "recording a delivered count failed");
+        }
+        self.oldest_unindexed.get_or_insert_with(Instant::now);
+    }
+
+    /// Copies the WAL into the main file and syncs both; once that covered everything,
+    /// the sealed journal segments are redundant and deleted.
+    fn checkpoint(&mut self, mode: &str) {
+        self.last_checkpoint = Instant::now();
+        let done = self
+            .conn
+            .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            });
+        match done {
+            Ok((0, log, copied)) if log == copied => {
+                match journal::remove(&self.dir, &self.sealed) {
+                    Ok(()) => self.sealed.clear(),
+                    Err(e) => tracing::warn!(error = %e, "journal segment not deleted"),
+                }
+            }
+            // Readers still use older pages: the segments wait for the next checkpoint.
+            Ok(_) => tracing::debug!("checkpoint incomplete; journal segments kept"),
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed; journal segments kept"),
+        }
+    }
+
+    fn close(mut self) {
+        self.flush();
+        self.prune();
+        self.checkpoint("TRUNCATE");
+        tracing::info!(unindexed = self.unindexed.len(), "store closed");
+    }
+
     fn prune(&mut self) {
+        if !self.unindexed.is_empty() {
+            // Retention decisions read committed rows; a failing index waits for its retry.
+            return;
+        }
         let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
         let result: rusqlite::Result<(usize, usize)> = (|| {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = self.conn.unchecked_transaction()?;
             // A user's last seq outlives their rows: it is never handed out again.
             tx.execute(
                 "INSERT INTO users (user, last_seq)
@@ -503,89 +969,6 @@ impl Writer {
     }
 }
 
-/// Appends within one commit; knows every head it touches without asking SQLite twice.
-struct Appender<'a> {
-    tx: &'a rusqlite::Transaction<'a>,
-    heads: &'a Heads,
-    staged: &'a mut HashMap<UserId, Cached>,
-    per_user: u64,
-    cutoff: i64,
-}
-
-impl Appender<'_> {
-    fn append(&mut self, user: &UserId, draft: Draft) -> rusqlite::Result<Appended> {
-        let tx = self.tx;
-        if let Some(key) = &draft.idempotency_key {
-            let seen = tx
-                .prepare_cached("SELECT id, seq, delivered FROM idempotency WHERE user = ?1 AND key = ?2 AND ts_ms >= ?3")?
-                .query_row(params![user.as_str(), key, self.cutoff], |r| {
-                    Ok(Receipt { id: r.get(0)?, seq: r.get::<_, i64>(1)? as Seq, delivered: r.get::<_, i64>(2)? as usize })
-                })
-                .optional()?;
-            if let Some(receipt) = seen {
-                return Ok(Appended::Duplicate(receipt));
-            }
-        }
-        let mut head = self.head(user)?;
-        let seq = head.last_seq + 1;
-        let frame = protocol::notification_frame(
-            &draft.id,
-            seq,
-            draft.event.as_deref(),
-            &draft.data,
-            &draft.ts,
-        );
-        tx.prepare_cached(
-            "INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![user.as_str(), seq as i64, draft.ts_ms, &*frame])?;
-        head.last_seq = seq;
-        let oldest = *head.oldest.get_or_insert(Oldest {
-            seq,
-            ts_ms: draft.ts_ms,
-        });
-        // Keeps the newest `per_user`; the row just written is never among those deleted.
-        let keep_after = seq.saturating_sub(self.per_user);
-        if oldest.seq <= keep_after {
-            tx.prepare_cached("DELETE FROM notifications WHERE user = ?1 AND seq <= ?2")?
-                .execute(params![user.as_str(), keep_after as i64])?;
-            head.oldest = oldest_row(tx, user)?;
-        }
-        if let Some(key) = &draft.idempotency_key {
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO idempotency (user, key, id, seq, delivered, ts_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
-            )?
-            .execute(params![user.as_str(), key, draft.id, seq as i64, draft.ts_ms])?;
-        }
-        self.staged.insert(user.clone(), head);
-        Ok(Appended::New(Notification {
-            user: user.clone(),
-            id: draft.id,
-            seq,
-            frame,
-        }))
-    }
-
-    /// The user's head as this transaction sees it: staged, else published, else read.
-    fn head(&mut self, user: &UserId) -> rusqlite::Result<Cached> {
-        if let Some(head) = self.staged.get(user) {
-            return Ok(*head);
-        }
-        let mut head = match self.heads.get(user) {
-            Some(head) => head,
-            None => Cached {
-                last_seq: last_seq(self.tx, user)?,
-                oldest: oldest_row(self.tx, user)?,
-            },
-        };
-        // A background prune may have deleted the remembered oldest row.
-        if head.oldest.is_some_and(|o| o.ts_ms < self.cutoff) {
-            head.oldest = oldest_row(self.tx, user)?;
-        }
-        Ok(head)
-    }
-}
-
 /// The highest seq the user ever had: their newest row, or what a prune recorded.
 fn last_seq(conn: &Connection, user: &UserId) -> rusqlite::Result<Seq> {
     let recorded: i64 = conn
@@ -599,21 +982,8 @@ fn last_seq(conn: &Connection, user: &UserId) -> rusqlite::Result<Seq> {
     Ok(recorded.max(newest.unwrap_or(0)) as Seq)
 }
 
-fn oldest_row(conn: &Connection, user: &UserId) -> rusqlite::Result<Option<Oldest>> {
-    conn.prepare_cached(
-        "SELECT seq, ts_ms FROM notifications WHERE user = ?1 ORDER BY seq LIMIT 1",
-    )?
-    .query_row([user.as_str()], |r| {
-        Ok(Oldest {
-            seq: r.get::<_, i64>(0)? as Seq,
-            ts_ms: r.get(1)?,
-        })
-    })
-    .optional()
-}
-
 /// Sets the pragmas and checks (or creates) the schema. Errors name what is wrong.
-fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
+fn prepare_index(conn: &Connection, fsync: bool) -> Result<(), String> {
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(|e| e.to_string())?;
     let mode: String = conn
@@ -622,9 +992,11 @@ fn prepare_writer(conn: &Connection, fsync: bool) -> Result<(), String> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!("could not switch to WAL mode (got {mode})"));
     }
-    let sync = if fsync { "FULL" } else { "OFF" };
+    // NORMAL: commits are not synced (the journal is the durable copy); checkpoints are,
+    // and only a completed one lets journal segments go.
+    let sync = if fsync { "NORMAL" } else { "OFF" };
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{WRITER_CACHE_KIB};
+        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{INDEX_CACHE_KIB};
          PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES};"
     ))
     .map_err(|e| e.to_string())?;
@@ -735,6 +1107,7 @@ impl ReaderPool {
 mod tests {
     use super::*;
     use crate::store::conformance;
+    use crate::store::journal::{Journal, Record};
 
     fn open(dir: &Path, retention: Retention) -> SqliteStore {
         SqliteStore::open(dir, retention, true).expect("store opens")
@@ -801,11 +1174,73 @@ mod tests {
     }
 
     #[actix_rt::test]
+    async fn journaled_appends_the_index_never_got_are_replayed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = UserId::parse("alice").unwrap();
+        let store = open(dir.path(), conformance::LONG);
+        next_seq(&store, &user).await;
+        store.close().await.unwrap();
+        assert_eq!(
+            journal::segments(dir.path()).unwrap(),
+            vec![],
+            "a clean stop"
+        );
+        // What a crash leaves behind: appends journaled (and answered) but not in SQLite;
+        // seq 1 is in both.
+        let record = |seq: Seq| Record {
+            user: user.clone(),
+            seq,
+            ts_ms: now_ms(),
+            frame: ByteString::from(format!(r#"{{"seq":{seq}}}"#)),
+            key: (seq == 3).then(|| ("k".to_owned(), "n-3".to_owned())),
+        };
+        let mut journal = Journal::create(dir.path(), true).unwrap();
+        journal.append(&[record(1), record(2), record(3)]).unwrap();
+        drop(journal);
+
+        let store = open(dir.path(), conformance::LONG);
+        assert_eq!(
+            store.head(&user).await.unwrap(),
+            Head {
+                first_seq: 1,
+                last_seq: 3
+            }
+        );
+        let read = store.read(&user, 0, 10).await.unwrap();
+        let seqs: Vec<Seq> = read.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3], "replayed once each");
+        assert_eq!(&*read[1].frame, r#"{"seq":2}"#);
+        match store
+            .append(&user, conformance::draft(7, Some("k")))
+            .await
+            .unwrap()
+        {
+            Appended::Duplicate(receipt) => {
+                assert_eq!((receipt.id.as_str(), receipt.seq), ("n-3", 3))
+            }
+            Appended::New(n) => panic!("the replayed key was forgotten: got seq {}", n.seq),
+        }
+        assert_eq!(
+            next_seq(&store, &user).await,
+            4,
+            "seqs continue after the replay"
+        );
+        store.close().await.unwrap();
+        assert_eq!(
+            journal::segments(dir.path()).unwrap(),
+            vec![],
+            "segments go once a checkpoint holds their rows"
+        );
+    }
+
+    #[actix_rt::test]
     async fn the_background_prune_deletes_expired_rows_for_good() {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention {
             per_user: 1000,
-            max_age: Duration::from_millis(300),
+            // Long enough to see the rows reach the file first (the indexer commits
+            // within INDEX_EVERY), short enough for the prune to come soon after.
+            max_age: Duration::from_secs(2),
         };
         let store = open(dir.path(), retention);
         let user = UserId::parse("alice").unwrap();
@@ -820,9 +1255,12 @@ mod tests {
             conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
                 .unwrap()
         };
-        assert_eq!((rows("notifications"), rows("idempotency")), (5, 5));
-        // Idle, the writer prunes at least once a second; reads only hide expired rows.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while (rows("notifications"), rows("idempotency")) != (5, 5) {
+            assert!(std::time::Instant::now() < deadline, "never indexed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Idle, the indexer prunes at least once a second; reads only hide expired rows.
         while rows("notifications") + rows("idempotency") > 0 {
             assert!(std::time::Instant::now() < deadline, "never pruned");
             tokio::time::sleep(Duration::from_millis(100)).await;
