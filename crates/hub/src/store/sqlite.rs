@@ -859,7 +859,7 @@ impl Indexer {
     /// Commits the open transaction; then memory lets its rows go. A failed commit is
     /// rolled back and redone from `unindexed` next time.
     fn flush(&mut self) {
-        if self.unindexed.is_empty() {
+        if !self.in_tx && self.unindexed.is_empty() {
             return;
         }
         let committed = (|| {
