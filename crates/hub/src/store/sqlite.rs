@@ -294,10 +294,12 @@ impl SqliteStore {
         let journal = Journal::create(dir, fsync).map_err(|e| open_err(e.to_string()))?;
 
         let (index_tx, index_rx) = std_mpsc::sync_channel(INDEX_QUEUE);
-        thread::Builder::new()
+        let indexer = thread::Builder::new()
             .name("herald-index".into())
             .spawn(move || indexer.run(index_rx))
-            .map_err(|e| open_err(e.to_string()))?;
+            .map_err(|e| open_err(e.to_string()))?
+            .thread()
+            .clone();
         let (tx, rx) = std_mpsc::channel();
         let writer = Writer {
             journal,
@@ -306,6 +308,7 @@ impl SqliteStore {
             pending: Arc::clone(&pending),
             retention,
             index: index_tx,
+            indexer,
             failed: None,
             batches: 0,
             commands: 0,
@@ -477,6 +480,8 @@ struct Writer {
     pending: Arc<Pending>,
     retention: Retention,
     index: std_mpsc::SyncSender<IndexJob>,
+    /// Woken only when it must not sleep out its window: a close, a full queue.
+    indexer: thread::Thread,
     /// Set when a journal write failed: what reached the disk is unknown, so no later
     /// append may reuse its seqs. A restart replays whatever is whole.
     failed: Option<String>,
@@ -510,9 +515,22 @@ impl Writer {
                     commands = self.commands,
                     "store writer closed"
                 );
-                let _ = self.index.send(IndexJob::Sealed(self.journal.segment()));
-                let _ = self.index.send(IndexJob::Close(reply));
+                self.to_index(IndexJob::Sealed(self.journal.segment()));
+                self.to_index(IndexJob::Close(reply));
+                self.indexer.unpark();
                 return;
+            }
+        }
+    }
+
+    /// Queues a job without waking the indexer, unless the queue is full: then it wakes
+    /// it and waits for room (backpressure on publishes).
+    fn to_index(&self, job: IndexJob) {
+        match self.index.try_send(job) {
+            Ok(()) | Err(std_mpsc::TrySendError::Disconnected(_)) => {}
+            Err(std_mpsc::TrySendError::Full(job)) => {
+                self.indexer.unpark();
+                let _ = self.index.send(job);
             }
         }
     }
@@ -560,7 +578,7 @@ impl Writer {
                     self.pending.add(staged.rows.iter().map(|row| &row.record));
                     self.heads.apply(staged.heads);
                     // Blocks while the indexer is INDEX_QUEUE batches behind.
-                    let _ = self.index.send(IndexJob::Rows(staged.rows));
+                    self.to_index(IndexJob::Rows(staged.rows));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "journal write failed; appends refused until a restart");
@@ -573,7 +591,7 @@ impl Writer {
             }
         }
         for job in later {
-            let _ = self.index.send(job);
+            self.to_index(job);
         }
         for (reply, outcome) in replies {
             let _ = reply.send(outcome);
@@ -581,7 +599,7 @@ impl Writer {
         if self.failed.is_none() && self.journal.is_full() {
             match self.journal.rotate() {
                 Ok(sealed) => {
-                    let _ = self.index.send(IndexJob::Sealed(sealed));
+                    self.to_index(IndexJob::Sealed(sealed));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "journal rotation failed; appends refused until a restart");
@@ -720,32 +738,49 @@ impl Indexer {
             (self.retention.max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let mut last_prune = Instant::now();
         loop {
-            let wait = match self.oldest_unindexed {
-                Some(since) => INDEX_EVERY.saturating_sub(since.elapsed()),
-                None => prune_every.saturating_sub(last_prune.elapsed()),
+            let next = match self.oldest_unindexed {
+                // Idle: the first job wakes it.
+                None => rx.recv_timeout(prune_every.saturating_sub(last_prune.elapsed())),
+                // Rows wait: sleep out the window instead of waking for every batch (a
+                // wake-up per batch cost more CPU than indexing it), then take all queued.
+                Some(since) => {
+                    thread::park_timeout(INDEX_EVERY.saturating_sub(since.elapsed()));
+                    rx.try_recv().map_err(|e| match e {
+                        std_mpsc::TryRecvError::Empty => std_mpsc::RecvTimeoutError::Timeout,
+                        std_mpsc::TryRecvError::Disconnected => {
+                            std_mpsc::RecvTimeoutError::Disconnected
+                        }
+                    })
+                }
             };
-            match rx.recv_timeout(wait) {
-                Ok(IndexJob::Rows(rows)) => {
-                    for row in rows {
-                        self.apply(row);
-                    }
-                }
-                Ok(IndexJob::Delivered {
-                    user,
-                    key,
-                    delivered,
-                }) => self.record_delivered(&user, &key, delivered),
-                Ok(IndexJob::Sealed(segment)) => self.sealed.push(segment),
-                Ok(IndexJob::Close(reply)) => {
-                    self.close();
-                    let _ = reply.send(());
-                    return;
-                }
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            let mut job = match next {
+                Ok(job) => Some(job),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                     self.flush();
                     return;
                 }
+            };
+            while let Some(current) = job {
+                match current {
+                    IndexJob::Rows(rows) => {
+                        for row in rows {
+                            self.apply(row);
+                        }
+                    }
+                    IndexJob::Delivered {
+                        user,
+                        key,
+                        delivered,
+                    } => self.record_delivered(&user, &key, delivered),
+                    IndexJob::Sealed(segment) => self.sealed.push(segment),
+                    IndexJob::Close(reply) => {
+                        self.close();
+                        let _ = reply.send(());
+                        return;
+                    }
+                }
+                job = rx.try_recv().ok();
             }
             let due = self
                 .oldest_unindexed
