@@ -260,3 +260,137 @@ fn is_about_one_connection(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+
+    use actix_service::fn_service;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::listener::Listener;
+
+    /// How long a test waits for something that should happen at once.
+    const SOON: Duration = Duration::from_secs(5);
+
+    /// Workers whose service answers each connection with the name of the thread that
+    /// serves it, once the client sent one byte, then hangs up.
+    async fn start(count: usize, max_connections: usize) -> (Workers, SocketAddr) {
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr();
+        let service = || {
+            fn_service(|mut stream: TcpStream| async move {
+                let mut go = [0u8; 1];
+                let _ = stream.read_exact(&mut go).await;
+                let name = std::thread::current().name().unwrap_or_default().to_owned();
+                let _ = stream.write_all(name.as_bytes()).await;
+                Ok::<(), ()>(())
+            })
+        };
+        let workers = Workers::start(
+            listener.for_workers(count).unwrap(),
+            max_connections,
+            service,
+        )
+        .await
+        .unwrap();
+        (workers, addr)
+    }
+
+    /// Sends the byte that lets the service answer, and reads its answer to the end.
+    async fn answer(stream: &mut tokio::net::TcpStream) -> String {
+        stream.write_all(b"!").await.unwrap();
+        let mut name = String::new();
+        tokio::time::timeout(SOON, stream.read_to_string(&mut name))
+            .await
+            .expect("answered")
+            .unwrap();
+        name
+    }
+
+    #[actix_web::test]
+    async fn every_worker_accepts_on_its_own_thread() {
+        let (mut workers, addr) = start(2, 100).await;
+        let mut threads = HashSet::new();
+        // The kernel spreads connections by their ports: 40 all landing on one worker
+        // would be a chance of 1 in 2^39.
+        for _ in 0..40 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            threads.insert(answer(&mut stream).await);
+        }
+        assert_eq!(threads.len(), 2, "threads that served: {threads:?}");
+        assert!(
+            threads.iter().all(|t| t.starts_with("actix-rt|")),
+            "{threads:?}"
+        );
+        workers.stop_accepting().await;
+        workers.finish(SOON).await;
+    }
+
+    #[actix_web::test]
+    async fn at_its_bound_a_worker_accepts_no_more_until_a_connection_ends() {
+        let (mut workers, addr) = start(1, 1).await;
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Served: the service waits for its byte.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The kernel completes the handshake, but the worker does not take it yet.
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second.write_all(b"!").await.unwrap();
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut byte)).await;
+        assert!(early.is_err(), "served beyond the bound: {early:?}");
+        assert!(!answer(&mut first).await.is_empty());
+        let mut name = String::new();
+        tokio::time::timeout(SOON, second.read_to_string(&mut name))
+            .await
+            .expect("served once the first ended")
+            .unwrap();
+        assert!(!name.is_empty());
+        workers.stop_accepting().await;
+        workers.finish(SOON).await;
+    }
+
+    #[actix_web::test]
+    async fn stopping_refuses_new_connections_and_lets_served_ones_finish() {
+        let (mut workers, addr) = start(2, 100).await;
+        let mut served = Vec::new();
+        for _ in 0..4 {
+            served.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        workers.stop_accepting().await;
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(
+            refused.is_err(),
+            "connected after the workers stopped accepting"
+        );
+
+        let finishing = actix_rt::spawn(workers.finish(SOON));
+        for stream in &mut served {
+            assert!(!answer(stream).await.is_empty(), "finished after the stop");
+        }
+        let started = std::time::Instant::now();
+        finishing.await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "waited for nothing"
+        );
+    }
+
+    #[actix_web::test]
+    async fn what_outlasts_the_grace_is_closed() {
+        let (mut workers, addr) = start(1, 100).await;
+        let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        workers.stop_accepting().await;
+        let started = std::time::Instant::now();
+        workers.finish(Duration::from_millis(200)).await;
+        assert!(started.elapsed() < SOON);
+        // The worker's thread ended and dropped the connection: end of stream, no answer.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(SOON, stuck.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?} {rest:?}");
+    }
+}
