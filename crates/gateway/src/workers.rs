@@ -55,10 +55,19 @@ impl Workers {
         S::Service: 'static,
     {
         let (stop_accepting, accepting) = watch::channel(false);
-        let mut workers = Vec::with_capacity(listeners.len());
+        let mut workers = Self {
+            workers: Vec::with_capacity(listeners.len()),
+            stop_accepting,
+        };
         let mut startups = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
-            let arbiter = Arbiter::try_new()?;
+            let arbiter = match Arbiter::try_new() {
+                Ok(arbiter) => arbiter,
+                Err(e) => {
+                    workers.stop_now().await;
+                    return Err(e);
+                }
+            };
             let (started, startup) = oneshot::channel();
             let (paused_tx, paused) = oneshot::channel();
             let (drained_tx, drained) = oneshot::channel();
@@ -73,17 +82,13 @@ impl Workers {
             arbiter.spawn_fn(move || {
                 actix_rt::spawn(worker.run(listener, make_service(), started));
             });
-            workers.push(Worker {
+            workers.workers.push(Worker {
                 arbiter,
                 paused: Some(paused),
                 drained,
             });
             startups.push(startup);
         }
-        let workers = Self {
-            workers,
-            stop_accepting,
-        };
         for startup in join_all(startups).await {
             let started = startup.unwrap_or_else(|_| Err(io::Error::other("worker died starting")));
             if let Err(e) = started {
