@@ -87,8 +87,8 @@ impl Herald {
         let mut settings = test_settings(&store);
         tweak(&mut settings);
         let listener =
-            std::net::TcpListener::bind(settings.bind_addr().expect("bind addr")).expect("bind");
-        let addr = listener.local_addr().expect("local addr");
+            herald_gateway::Listener::bind(settings.bind_addr().expect("bind addr")).expect("bind");
+        let addr = listener.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let run_settings = settings.clone();
         let thread = std::thread::spawn(move || {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_tests::{Herald, SOON, Subscriber, eventually, metric_value};
+use herald_tests::{Herald, RawWebSocket, SOON, Subscriber, eventually, metric_value, token};
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -249,6 +249,37 @@ async fn presence_counts_sessions_and_drops_after_close() {
         json!({"user": "alice", "online": false, "sessions": 0})
     );
     assert_eq!(herald.presence("bob").await, 1, "bob is untouched");
+    herald.shutdown().await.unwrap();
+}
+
+/// A session joins the table on its own thread as it starts and leaves it as it stops:
+/// one that hangs up right after its 101, on either worker, must not leave an entry
+/// behind (a leave handled before its join would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_hang_up_at_once_leave_nothing_behind() {
+    let herald = Herald::start().await;
+    let path = format!("/ws/flicker?token={}", token("flicker"));
+    let hang_ups = (0..40).map(|_| {
+        let path = path.clone();
+        let addr = herald.addr;
+        tokio::spawn(async move {
+            let raw = RawWebSocket::connect(addr, &path).await.expect("upgrade");
+            drop(raw);
+        })
+    });
+    for hang_up in futures_util::future::join_all(hang_ups).await {
+        hang_up.unwrap();
+    }
+    let staying = herald.subscribe("flicker").await;
+    eventually(SOON, "only the staying session left", || async {
+        herald.presence("flicker").await == 1 && herald.metric("herald_sessions").await == 1.0
+    })
+    .await;
+    drop(staying);
+    eventually(SOON, "flicker offline", || async {
+        herald.presence("flicker").await == 0 && herald.metric("herald_users_online").await == 0.0
+    })
+    .await;
     herald.shutdown().await.unwrap();
 }
 

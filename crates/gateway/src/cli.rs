@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use herald_hub::UserId;
 
+use crate::listener::Listener;
 use crate::routes::rfc3339;
 use crate::secrets::Secrets;
 use crate::server;
@@ -57,7 +58,7 @@ fn serve(settings: Settings) -> ExitCode {
         Ok(addr) => addr,
         Err(e) => return fail(&e),
     };
-    let listener = match std::net::TcpListener::bind(addr) {
+    let listener = match Listener::bind(addr) {
         Ok(listener) => listener,
         Err(e) => return fail(&format!("cannot listen on {addr} (server.bind): {e}")),
     };

@@ -11,6 +11,8 @@
 //! - `error`: every HTTP error and its one JSON mapping.
 //! - `memory`: returns memory freed by closed sessions to the OS.
 //! - [`server`]: `run(listener, settings, shutdown)`, the whole server, callable from tests.
+//! - [`listener`]: the listening sockets, one per worker on one address (`SO_REUSEPORT`).
+//! - `workers`: the HTTP worker threads, each accepting and serving its own connections.
 //! - `upgrade`: WebSocket upgrades, taken from the HTTP dispatcher and handed to the hub.
 //! - `socket`: kernel settings for a WebSocket's TCP connection.
 //! - `telemetry`: tracing setup.
@@ -19,6 +21,7 @@ mod auth;
 mod body;
 pub mod cli;
 mod error;
+pub mod listener;
 mod memory;
 mod routes;
 pub mod secrets;
@@ -27,7 +30,9 @@ pub mod settings;
 mod socket;
 mod telemetry;
 mod upgrade;
+mod workers;
 
 pub use auth::mint as mint_token;
+pub use listener::Listener;
 pub use server::{RunError, run};
 pub use settings::Settings;

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix_http::HttpService;
-use actix_server::Server;
 use actix_service::{IntoServiceFactory, ServiceFactoryExt, map_config};
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
@@ -16,11 +15,13 @@ use herald_hub::cluster::generate_node_id;
 use herald_hub::store::{RedisStore, SqliteStore, StoreError};
 
 use crate::auth::Auth;
+use crate::listener::Listener;
 use crate::memory;
 use crate::routes::{self, AppState};
 use crate::secrets::{Secrets, SecretsError};
 use crate::settings::{EngineKind, Settings};
 use crate::upgrade;
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -32,13 +33,15 @@ pub enum RunError {
     Broker(#[from] BrokerError),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("HTTP server: a worker stopped by itself")]
+    WorkerStopped,
 }
 
 /// Serves on `listener` until `shutdown` resolves. Then: stop accepting, close
 /// sessions with 1001, let in-flight requests finish, flush the store.
 /// Must run inside an actix system (`actix_web::rt::System`).
 pub async fn run(
-    listener: std::net::TcpListener,
+    listener: Listener,
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
@@ -61,16 +64,14 @@ pub async fn run(
         shutting_down: Arc::clone(&shutting_down),
     });
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
-    let addr = listener.local_addr()?;
+    let addr = listener.local_addr();
     let stalled_peer_limit = Duration::from_millis(settings.heartbeat.timeout_ms);
-    let mut server = Server::build()
-        .disable_signals()
-        .shutdown_timeout(grace.as_secs().max(1));
-    if settings.server.workers > 0 {
-        server = server.workers(settings.server.workers);
-    }
+    let workers = match settings.server.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
     // actix-web's `HttpServer` builds the same service, but has no way to take upgrades.
-    let server = server.listen("herald", listener, move || {
+    let http_service = move || {
         // No `NormalizePath`: it merges `//`, which turned the empty user id of
         // `/v1/users//notifications` into a 404 where API.md wants `400 invalid_user_id`.
         let app = App::new()
@@ -84,30 +85,36 @@ pub async fn run(
             .upgrade(upgrade::service(state.clone(), stalled_peer_limit))
             .finish(map_config(app, |_| AppConfig::default()))
             .tcp()
-    })?;
-    let server = server.run();
-    tracing::info!(%addr, "listening on {addr}");
-    let handle = server.handle();
-    let mut serving = actix_rt::spawn(server);
+    };
+    let mut workers = Workers::start(
+        listener.for_workers(workers)?,
+        settings.server.max_connections_per_worker,
+        http_service,
+    )
+    .await?;
+    tracing::info!(%addr, workers = workers.count(), "listening on {addr}");
     let trimming = actix_rt::spawn(memory::trim_after_closes(hub.clone()));
 
+    let mut stopped_by_itself = false;
     tokio::select! {
         () = shutdown => {}
-        ended = &mut serving => {
-            tracing::error!("HTTP server stopped by itself");
-            ended.map_err(|e| RunError::Io(std::io::Error::other(e)))??;
+        () = workers.stopped_by_itself() => {
+            tracing::error!("an HTTP worker stopped by itself");
+            stopped_by_itself = true;
         }
     }
     tracing::info!("shutting down");
     shutting_down.store(true, Ordering::Relaxed);
-    handle.pause().await;
+    workers.stop_accepting().await;
     hub.close_sessions(grace).await;
-    handle.stop(true).await;
-    let _ = serving.await;
+    workers.finish(grace).await;
     trimming.abort();
     hub.close_store()
         .await
         .map_err(|e| RunError::Io(std::io::Error::other(e)))?;
+    if stopped_by_itself {
+        return Err(RunError::WorkerStopped);
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -46,6 +46,9 @@ pub struct ServerSettings {
     pub bind: String,
     /// HTTP worker threads; 0 means one per CPU core.
     pub workers: usize,
+    /// HTTP connections one worker serves at once; at the bound it stops accepting and
+    /// new connections wait in the kernel's backlog. A WebSocket counts until its 101.
+    pub max_connections_per_worker: usize,
     /// On SIGINT/SIGTERM: how long sessions and in-flight requests get to finish.
     pub shutdown_grace_ms: u64,
 }
@@ -55,6 +58,7 @@ impl Default for ServerSettings {
         Self {
             bind: "127.0.0.1:8080".into(),
             workers: 0,
+            max_connections_per_worker: 25_600,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -256,9 +260,19 @@ impl Settings {
             ("limits.session_queue", self.limits.session_queue as u64),
             ("limits.gap_wait_ms", self.limits.gap_wait_ms),
             ("server.shutdown_grace_ms", self.server.shutdown_grace_ms),
+            (
+                "server.max_connections_per_worker",
+                self.server.max_connections_per_worker as u64,
+            ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(key_error(*key, "must be at least 1"));
+        }
+        if self.server.max_connections_per_worker > 1_000_000 {
+            return Err(key_error(
+                "server.max_connections_per_worker",
+                "must be between 1 and 1000000",
+            ));
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(key_error("store.path", "must not be empty"));

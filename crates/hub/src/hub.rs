@@ -65,6 +65,8 @@ struct Core {
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
     registry: Addr<Registry>,
+    /// The table sessions join and leave directly, on their own thread.
+    members: Arc<Members>,
     metrics: Arc<Metrics>,
     session_ids: SessionIds,
 }
@@ -102,12 +104,13 @@ impl Hub {
         let metrics = Arc::new(Metrics::default());
         let members = Arc::new(Members::new(Arc::clone(&metrics)));
         let registry = Registry::new(Arc::clone(&members)).start();
-        let broker = make_broker(registry.clone(), members)?;
+        let broker = make_broker(registry.clone(), Arc::clone(&members))?;
         Ok(Self(Arc::new(Core {
             config,
             store,
             broker,
             registry,
+            members,
             metrics,
             session_ids: SessionIds::default(),
         })))
@@ -129,8 +132,8 @@ impl Hub {
         &self.0.broker
     }
 
-    pub(crate) fn registry(&self) -> &Addr<Registry> {
-        &self.0.registry
+    pub(crate) fn members(&self) -> &Members {
+        &self.0.members
     }
 
     /// Stores a notification durably, then fans it out; answers after both.

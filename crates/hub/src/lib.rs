@@ -8,8 +8,8 @@
 //! - [`ids`]: typed ids (`UserId`, `SessionId`, `Seq`).
 //! - [`protocol`]: the frames on the wire and the close codes.
 //! - [`config`]: the hub's validated tunables.
-//! - [`registry`]: the registry actor: sessions join and leave through its mailbox.
-//! - [`members`]: the sharded user → sessions table every publish fans out from.
+//! - [`registry`]: the registry actor: brokers, shutdown and diagnostics reach the sessions through its mailbox.
+//! - [`members`]: the sharded user → sessions table every publish fans out from; sessions join and leave it directly.
 //! - [`session`]: one actor per WebSocket (heartbeat, inbound, eviction) and its ordered writer.
 //! - [`transport`]: a WebSocket after its handshake: frames in and out of the bare socket.
 //! - [`store`]: durable per-user history behind the `Store` trait (SQLite by default, or Redis).

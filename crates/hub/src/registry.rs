@@ -1,9 +1,9 @@
-//! The registry actor: the mailbox through which sessions join and leave this node.
+//! The registry actor: the mailbox that brokers, shutdown and diagnostics reach this node's sessions through.
 //!
 //! The table itself is [`Members`], shared: publishes fan out from the thread that
-//! stored them, and every message here is answered from the same table. Joins and leaves
-//! still travel through this one mailbox, so a session's leave is always ordered after
-//! its join.
+//! stored them, and every message here is answered from the same table. Sessions join
+//! and leave the table directly, each from its own thread (its `started` and `stopped`),
+//! so a session's leave is always ordered after its join without a trip through here.
 
 use std::sync::Arc;
 
@@ -48,22 +48,6 @@ impl Actor for Registry {
     }
 }
 
-/// A session is ready to receive its user's notifications.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Join {
-    pub user: UserId,
-    pub entry: SessionEntry,
-}
-
-/// A session ended. Removes it only if the id matches, so a late leave never evicts a newer session.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Leave {
-    pub user: UserId,
-    pub session: SessionId,
-}
-
 /// A stored notification for every session of `user` on this node.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -102,24 +86,6 @@ pub struct Stats;
 pub struct RegistryStats {
     pub users: usize,
     pub sessions: usize,
-}
-
-impl Handler<Join> for Registry {
-    type Result = ();
-
-    /// Adds the session beside any others the user already has.
-    fn handle(&mut self, msg: Join, _: &mut Self::Context) {
-        self.members.join(msg.user, msg.entry);
-    }
-}
-
-impl Handler<Leave> for Registry {
-    type Result = ();
-
-    /// Removes exactly that session, if it is still there.
-    fn handle(&mut self, msg: Leave, _: &mut Self::Context) {
-        self.members.leave(&msg.user, msg.session);
-    }
 }
 
 impl Handler<Deliver> for Registry {
@@ -246,6 +212,8 @@ mod tests {
 
     struct Fixture {
         registry: Addr<Registry>,
+        /// Joined and left directly, as sessions do.
+        members: Arc<Members>,
         metrics: Arc<Metrics>,
         ids: SessionIds,
     }
@@ -253,8 +221,10 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let metrics = Arc::new(Metrics::default());
+            let members = Arc::new(Members::new(Arc::clone(&metrics)));
             Self {
-                registry: Registry::new(Arc::new(Members::new(Arc::clone(&metrics)))).start(),
+                registry: Registry::new(Arc::clone(&members)).start(),
+                members,
                 metrics,
                 ids: SessionIds::default(),
             }
@@ -266,17 +236,14 @@ mod tests {
             let (evicted, evictions) = mpsc::unbounded_channel();
             let control = Control(evicted).start().recipient();
             let id = self.ids.next();
-            self.registry
-                .send(Join {
-                    user: user_id(user),
-                    entry: SessionEntry {
-                        id,
-                        outbound,
-                        control,
-                    },
-                })
-                .await
-                .unwrap();
+            self.members.join(
+                user_id(user),
+                SessionEntry {
+                    id,
+                    outbound,
+                    control,
+                },
+            );
             Peer {
                 id,
                 queue,
@@ -285,13 +252,7 @@ mod tests {
         }
 
         async fn leave(&self, user: &str, session: SessionId) {
-            self.registry
-                .send(Leave {
-                    user: user_id(user),
-                    session,
-                })
-                .await
-                .unwrap();
+            self.members.leave(&user_id(user), session);
         }
 
         async fn deliver(&self, user: &str, seq: Seq) -> usize {

@@ -1,4 +1,4 @@
-//! The session actor: joins the registry, runs the heartbeat, reads the peer, and closes with the right code.
+//! The session actor: joins the session table, runs the heartbeat, reads the peer, and closes with the right code.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -8,20 +8,11 @@ use actix::prelude::*;
 use super::queue::{self, QueueReceiver, QueueSender, TrySendError};
 use super::writer::{Writer, WriterError};
 use super::{Evict, EvictReason, Outbound};
-use crate::broker::BrokerError;
 use crate::hub::Hub;
 use crate::ids::{Seq, SessionId, UserId};
 use crate::protocol::{self, ClientFrame, CloseCode, HeartbeatInfo};
-use crate::registry::{Join, Leave, SessionEntry};
+use crate::registry::SessionEntry;
 use crate::transport::{FrameSink, InboundError, InboundFrame, Socket, Upgraded};
-
-#[derive(Debug, thiserror::Error)]
-enum JoinError {
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error("the registry is stopping")]
-    Stopping,
-}
 
 /// How long a close frame may wait for room behind a peer that stopped reading.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -32,7 +23,7 @@ pub struct Session {
     since: Option<Seq>,
     hub: Hub,
     outbound: QueueSender,
-    /// Taken by the writer once the session has joined the registry.
+    /// Taken by the writer once the session is in the table and the broker confirmed its join.
     queue: Option<(QueueReceiver, FrameSink)>,
     /// When the peer last sent anything at all: the heartbeat's only input.
     last_seen: Instant,
@@ -173,40 +164,33 @@ impl Actor for Session {
     fn started(&mut self, ctx: &mut Self::Context) {
         tracing::debug!(user = %self.user, session = %self.id, "session started");
         self.start_heartbeat(ctx);
-        let join = Join {
-            user: self.user.clone(),
-            entry: SessionEntry {
+        // Into the table at once, on this thread: every later fan-out to the user reaches
+        // the queue, and this session's leave (in `stopped`, on this same thread) can only
+        // come after its join.
+        self.hub.members().join(
+            self.user.clone(),
+            SessionEntry {
                 id: self.id,
                 outbound: self.outbound.clone(),
                 control: ctx.address().recipient(),
             },
-        };
+        );
         // The writer reads the user's head only after the broker delivers the user's
-        // notifications to this node and the registry holds the session, so nothing
+        // notifications to this node and the table holds the session, so nothing
         // published in between can fall through the gap.
         let subscribed = self.hub.broker().join(&self.user);
-        // `send` queues the Join now, so it is ordered before this session's own Leave.
-        let registered = self.hub.registry().send(join);
-        let joined = async move {
-            subscribed.await?;
-            registered.await.map_err(|_| JoinError::Stopping)
-        };
-        ctx.wait(joined.into_actor(self).map(|joined, act, ctx| match joined {
+        ctx.wait(subscribed.into_actor(self).map(|subscribed, act, ctx| match subscribed {
             Ok(()) => act.start_writer(ctx),
-            Err(JoinError::Broker(e)) => {
+            Err(e) => {
                 tracing::warn!(user = %act.user, session = %act.id, error = %e, "session closed: broker unavailable");
                 act.close(ctx, CloseCode::GoingAway);
             }
-            Err(JoinError::Stopping) => ctx.stop(),
         }));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.hub.broker().leave(&self.user);
-        self.hub.registry().do_send(Leave {
-            user: self.user.clone(),
-            session: self.id,
-        });
+        self.hub.members().leave(&self.user, self.id);
         tracing::debug!(user = %self.user, session = %self.id, "session stopped");
     }
 }
