@@ -6,20 +6,26 @@
 //! merges by seq).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use super::journal::Record;
 use super::{Receipt, Stored};
 use crate::ids::{Seq, UserId};
 
 #[derive(Default)]
-pub struct Pending(Mutex<Inner>);
+pub struct Pending {
+    inner: Mutex<Inner>,
+    /// Signalled whenever the indexer let rows go.
+    drained: Condvar,
+}
 
 #[derive(Default)]
 struct Inner {
     /// Per user, oldest first (the writer appends in seq order).
     rows: HashMap<UserId, VecDeque<Row>>,
     keys: HashMap<(UserId, String), Keyed>,
+    /// Frame bytes held, the bulk of what this costs.
+    bytes: usize,
 }
 
 struct Row {
@@ -49,9 +55,11 @@ impl Visible {
 }
 
 impl Pending {
-    /// A durable batch, not yet in SQLite.
-    pub fn add<'a>(&self, records: impl IntoIterator<Item = &'a Record>) {
-        let Ok(mut inner) = self.0.lock() else { return };
+    /// A durable batch, not yet in SQLite. Answers the frame bytes held now.
+    pub fn add<'a>(&self, records: impl IntoIterator<Item = &'a Record>) -> usize {
+        let Ok(mut inner) = self.inner.lock() else {
+            return 0;
+        };
         for r in records {
             if let Some((key, id)) = &r.key {
                 let receipt = Receipt {
@@ -70,13 +78,35 @@ impl Pending {
                 ts_ms: r.ts_ms,
                 frame: r.frame.clone(),
             };
+            inner.bytes += row.frame.len();
             inner.rows.entry(r.user.clone()).or_default().push_back(row);
         }
+        inner.bytes
+    }
+
+    /// Waits until the frames held take less than `limit` bytes.
+    pub fn wait_below(&self, limit: usize) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        while inner.bytes >= limit {
+            inner = match self.drained.wait(inner) {
+                Ok(inner) => inner,
+                Err(_) => return,
+            };
+        }
+    }
+
+    /// Frame bytes held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().map_or(0, |inner| inner.bytes)
     }
 
     /// SQLite committed these (added earlier, in this order): readers find them there now.
     pub fn indexed<'a>(&self, records: impl IntoIterator<Item = &'a Record>) {
-        let Ok(mut guard) = self.0.lock() else { return };
+        let Ok(mut guard) = self.inner.lock() else {
+            return;
+        };
         let inner = &mut *guard;
         for r in records {
             if let Some((key, _)) = &r.key {
@@ -84,8 +114,10 @@ impl Pending {
             }
             let emptied = match inner.rows.get_mut(&r.user) {
                 Some(rows) => {
-                    if rows.front().is_some_and(|row| row.seq == r.seq) {
-                        rows.pop_front();
+                    if rows.front().is_some_and(|row| row.seq == r.seq)
+                        && let Some(row) = rows.pop_front()
+                    {
+                        inner.bytes -= row.frame.len();
                     }
                     rows.is_empty()
                 }
@@ -95,6 +127,7 @@ impl Pending {
                 inner.rows.remove(&r.user);
             }
         }
+        self.drained.notify_all();
         if inner.rows.is_empty() {
             // Let a burst's tables go.
             inner.rows.shrink_to_fit();
@@ -104,7 +137,7 @@ impl Pending {
 
     /// Up to `limit` of the user's rows with seq > `after` that `visible` shows, oldest first.
     pub fn read(&self, user: &UserId, after: Seq, limit: usize, visible: Visible) -> Vec<Stored> {
-        let Ok(inner) = self.0.lock() else {
+        let Ok(inner) = self.inner.lock() else {
             return Vec::new();
         };
         let Some(rows) = inner.rows.get(user) else {
@@ -122,7 +155,7 @@ impl Pending {
 
     /// The user's oldest row here that `visible` shows: (seq, ts_ms).
     pub fn oldest(&self, user: &UserId, visible: Visible) -> Option<(Seq, i64)> {
-        let inner = self.0.lock().ok()?;
+        let inner = self.inner.lock().ok()?;
         inner
             .rows
             .get(user)?
@@ -133,14 +166,14 @@ impl Pending {
 
     /// The first receipt for `key`, if its append is here and not older than `since_ms`.
     pub fn receipt(&self, user: &UserId, key: &str, since_ms: i64) -> Option<Receipt> {
-        let inner = self.0.lock().ok()?;
+        let inner = self.inner.lock().ok()?;
         let keyed = inner.keys.get(&(user.clone(), key.to_owned()))?;
         (keyed.ts_ms >= since_ms).then(|| keyed.receipt.clone())
     }
 
     /// Remembers how many sessions the keyed append reached, while it is here.
     pub fn set_delivered(&self, user: &UserId, key: &str, delivered: usize) {
-        if let Ok(mut inner) = self.0.lock()
+        if let Ok(mut inner) = self.inner.lock()
             && let Some(keyed) = inner.keys.get_mut(&(user.clone(), key.to_owned()))
         {
             keyed.receipt.delivered = delivered;
@@ -182,7 +215,7 @@ mod tests {
             record("bob", 1, None),
             record("alice", 2, Some("k")),
         ];
-        pending.add(&batch);
+        assert_eq!(pending.add(&batch), 6, "three frames of two bytes");
         assert_eq!(seqs(pending.read(&alice, 0, 10, ALL)), vec![1, 2]);
         assert_eq!(seqs(pending.read(&alice, 1, 10, ALL)), vec![2]);
         assert_eq!(seqs(pending.read(&alice, 0, 1, ALL)), vec![1]);
@@ -204,6 +237,10 @@ mod tests {
         pending.indexed(&batch[2..]);
         assert!(pending.read(&alice, 0, 10, ALL).is_empty());
         assert_eq!(pending.receipt(&alice, "k", 0), None);
-        assert!(pending.0.lock().unwrap().rows.is_empty(), "nothing kept");
+        assert!(
+            pending.inner.lock().unwrap().rows.is_empty(),
+            "nothing kept"
+        );
+        assert_eq!(pending.bytes(), 0);
     }
 }

@@ -51,8 +51,11 @@ const WAL_CHECKPOINT_PAGES: u32 = 10_000;
 /// The indexer commits at least this often while it has rows, and at most this late:
 /// longer windows write a page once for several of its rows, and keep more in memory.
 const INDEX_EVERY: Duration = Duration::from_millis(1000);
-/// ... or once this many rows wait, whichever comes first.
-const INDEX_ROWS: usize = 32_768;
+/// ... or once the frames waiting for it take this much memory, whichever comes first
+/// (a flood of large notifications must not pile up in memory for a whole window).
+const INDEX_BYTES: usize = 4 * 1024 * 1024;
+/// Frames waiting for the indexer at most; then publishes wait for it (backpressure).
+const MAX_UNINDEXED_BYTES: usize = 4 * INDEX_BYTES;
 /// Journaled batches the indexer may lag behind; then the writer waits (backpressure),
 /// which bounds the memory of rows not yet in SQLite.
 const INDEX_QUEUE: usize = 4096;
@@ -568,6 +571,7 @@ impl Writer {
                 Command::Close { reply } => close = Some(reply),
             }
         }
+        let mut behind = false;
         if !staged.rows.is_empty() {
             match self
                 .journal
@@ -575,10 +579,14 @@ impl Writer {
             {
                 Ok(()) => {
                     // Rows before heads: whoever sees a new last seq also finds its row.
-                    self.pending.add(staged.rows.iter().map(|row| &row.record));
+                    let held = self.pending.add(staged.rows.iter().map(|row| &row.record));
                     self.heads.apply(staged.heads);
                     // Blocks while the indexer is INDEX_QUEUE batches behind.
                     self.to_index(IndexJob::Rows(staged.rows));
+                    if held >= INDEX_BYTES {
+                        self.indexer.unpark();
+                    }
+                    behind = held >= MAX_UNINDEXED_BYTES;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "journal write failed; appends refused until a restart");
@@ -595,6 +603,10 @@ impl Writer {
         }
         for (reply, outcome) in replies {
             let _ = reply.send(outcome);
+        }
+        if behind {
+            // This batch is answered; the next waits until the indexer catches up.
+            self.pending.wait_below(MAX_UNINDEXED_BYTES);
         }
         if self.failed.is_none() && self.journal.is_full() {
             match self.journal.rotate() {
@@ -785,7 +797,7 @@ impl Indexer {
             let due = self
                 .oldest_unindexed
                 .is_some_and(|since| since.elapsed() >= INDEX_EVERY);
-            if due || self.unindexed.len() >= INDEX_ROWS {
+            if due || self.pending.bytes() >= INDEX_BYTES {
                 self.flush();
                 if !self.sealed.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                     self.checkpoint("PASSIVE");
