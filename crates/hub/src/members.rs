@@ -194,8 +194,10 @@ const BACKLOG_WAIT: Duration = Duration::from_secs(1);
 /// One broadcast is a frame for every session, and the HTTP side accepts broadcasts far
 /// faster than the writers send 10,000 frames each. Left alone, every queue overflows and
 /// healthy sessions are evicted as slow consumers although only the node is behind. When
-/// most sessions are behind, the publisher of the broadcast waits instead (backpressure);
-/// a few slow peers (a minority behind) never hold a publisher up.
+/// a fifth of the sessions or more are behind, the publisher of the broadcast waits
+/// instead (backpressure); a few slow peers (fewer than a fifth) never hold it up.
+/// Not "most": one worker thread's sessions can fall behind together while the other's
+/// keep up (measured: 2,601 of 10,000 sessions evicted with a "most" rule).
 #[derive(Default)]
 pub struct Backlog {
     behind: usize,
@@ -204,9 +206,9 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    /// Waits (up to `BACKLOG_WAIT`) while most of the `handed` sessions are behind.
+    /// Waits (up to `BACKLOG_WAIT`) while a fifth of the `handed` sessions are behind.
     pub async fn wait_if_behind(self, handed: usize) {
-        let Some(sample) = self.sample.filter(|_| self.behind * 2 > handed) else {
+        let Some(sample) = self.sample.filter(|_| self.behind * 5 >= handed) else {
             return;
         };
         let deadline = Instant::now() + BACKLOG_WAIT;
@@ -278,6 +280,19 @@ mod tests {
     /// fills every queue (it never yields) and every session is evicted.
     #[actix::test]
     async fn a_broadcast_publisher_waits_while_most_writers_are_behind() {
+        broadcast_to_writers(20).await;
+    }
+
+    /// Only some writers behind (one worker thread's sessions, say): they must not be
+    /// evicted while the node is what is slow.
+    #[actix::test]
+    async fn a_broadcast_publisher_waits_while_a_fifth_of_the_writers_are_behind() {
+        broadcast_to_writers(5).await;
+    }
+
+    /// Broadcasts to 20 sessions of which `slow` write a frame per millisecond and the
+    /// rest as fast as they can; nobody may be evicted.
+    async fn broadcast_to_writers(slow: usize) {
         const SESSIONS: usize = 20;
         const CAPACITY: usize = 8;
         const BROADCASTS: usize = 100;
@@ -294,11 +309,14 @@ mod tests {
                 control: control.clone(),
             };
             members.join(UserId::parse(&format!("u{i}")).unwrap(), entry);
+            let is_slow = i < slow;
             writers.push(actix_rt::spawn(async move {
                 let mut written = 0;
                 while written < BROADCASTS && queue.recv().await.is_some() {
                     written += 1;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if is_slow {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                 }
                 written
             }));
@@ -308,6 +326,8 @@ mod tests {
             let (handed, backlog) = members.broadcast(&frame);
             assert_eq!(handed, SESSIONS, "broadcast {n} reached every session");
             backlog.wait_if_behind(handed).await;
+            // Broadcasts come as separate requests: writers that keep up run in between.
+            tokio::task::yield_now().await;
         }
         for writer in writers {
             assert_eq!(writer.await.unwrap(), BROADCASTS);

@@ -51,6 +51,10 @@ const WAL_CHECKPOINT_PAGES: u32 = 10_000;
 /// The indexer commits at least this often while it has rows, and at most this late:
 /// longer windows write a page once for several of its rows, and keep more in memory.
 const INDEX_EVERY: Duration = Duration::from_millis(1000);
+/// Within a window, the indexer puts what arrived into the open transaction this often:
+/// many small slices of B-tree work instead of one burst that would take a core from
+/// the publish path for a fifth of a second.
+const APPLY_EVERY: Duration = Duration::from_millis(100);
 /// ... or once the frames waiting for it take this much memory, whichever comes first
 /// (a flood of large notifications must not pile up in memory for a whole window).
 const INDEX_BYTES: usize = 4 * 1024 * 1024;
@@ -753,10 +757,11 @@ impl Indexer {
             let next = match self.oldest_unindexed {
                 // Idle: the first job wakes it.
                 None => rx.recv_timeout(prune_every.saturating_sub(last_prune.elapsed())),
-                // Rows wait: sleep out the window instead of waking for every batch (a
-                // wake-up per batch cost more CPU than indexing it), then take all queued.
+                // Rows wait: wake every APPLY_EVERY rather than for every batch (a wake-up
+                // per batch cost more CPU than indexing it), then take all queued.
                 Some(since) => {
-                    thread::park_timeout(INDEX_EVERY.saturating_sub(since.elapsed()));
+                    let due = INDEX_EVERY.saturating_sub(since.elapsed());
+                    thread::park_timeout(due.min(APPLY_EVERY));
                     rx.try_recv().map_err(|e| match e {
                         std_mpsc::TryRecvError::Empty => std_mpsc::RecvTimeoutError::Timeout,
                         std_mpsc::TryRecvError::Disconnected => {
