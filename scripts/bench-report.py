@@ -94,7 +94,7 @@ w("Measured by `scripts/bench` with `herald-bench` (crates/bench). Herald, Nchan
 w("## Machine\n")
 w(f"- {sh('nproc')} cores ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}")
 w(f"- {sh('rustc --version')}; Herald release build (`lto = \"thin\"`), `auth.insecure = true`, "
-  "default config otherwise (2 HTTP workers, heartbeat 20 s / 45 s, SQLite store with fsync)")
+  "default config otherwise (2 HTTP workers, heartbeat 20 s / 45 s, embedded store (journal + SQLite) with fsync)")
 nchan_version = sh("dpkg-query -W -f='${Version}' libnginx-mod-nchan")
 ws_version = sh("node -p \"require('./bench/node-ws-hub/node_modules/ws/package.json').version\"")
 w(f"- Nchan: {sh('nginx -v 2>&1')}, libnginx-mod-nchan {nchan_version}, "
