@@ -823,13 +823,17 @@ impl Indexer {
         let mut replayed = Vec::new();
         let per_user = self.retention.per_user;
         let conn = &self.conn;
+        let mut failed = None;
         let segments = journal::replay(&self.dir, |record| {
             let known = match last.get(&record.user) {
                 Some(seq) => *seq,
-                None => last_seq(conn, &record.user).map_err(|e| journal::JournalError::Io {
-                    path: DB_FILE.into(),
-                    source: std::io::Error::other(e),
-                })?,
+                None => match last_seq(conn, &record.user) {
+                    Ok(seq) => seq,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        return;
+                    }
+                },
             };
             if record.seq > known {
                 last.insert(record.user.clone(), record.seq);
@@ -841,9 +845,11 @@ impl Indexer {
             } else {
                 last.insert(record.user.clone(), known);
             }
-            Ok(())
         })
         .map_err(|e| e.to_string())?;
+        if let Some(e) = failed {
+            return Err(e.to_string());
+        }
         let count = replayed.len();
         if count > 0 {
             tracing::warn!(
@@ -1165,6 +1171,14 @@ mod tests {
         SqliteStore::open(dir, retention, true).expect("store opens")
     }
 
+    /// The head of a user holding `first..=last`.
+    fn range(first_seq: Seq, last_seq: Seq) -> Head {
+        Head {
+            first_seq,
+            last_seq,
+        }
+    }
+
     /// Appends a draft without an idempotency key and answers the seq it got.
     async fn next_seq(store: &SqliteStore, user: &UserId) -> Seq {
         match store
@@ -1202,13 +1216,7 @@ mod tests {
             store.close().await.unwrap();
         }
         let store = open(dir.path(), conformance::LONG);
-        assert_eq!(
-            store.head(&user).await.unwrap(),
-            Head {
-                first_seq: 1,
-                last_seq: 3
-            }
-        );
+        assert_eq!(store.head(&user).await.unwrap(), range(1, 3));
         assert_eq!(
             next_seq(&store, &user).await,
             4,
@@ -1217,10 +1225,7 @@ mod tests {
         let nobody = UserId::parse("nobody").unwrap();
         assert_eq!(
             store.head(&nobody).await.unwrap(),
-            Head {
-                first_seq: 1,
-                last_seq: 0
-            },
+            range(1, 0),
             "a user the reopened store never stored anything for"
         );
     }
@@ -1251,13 +1256,7 @@ mod tests {
         drop(journal);
 
         let store = open(dir.path(), conformance::LONG);
-        assert_eq!(
-            store.head(&user).await.unwrap(),
-            Head {
-                first_seq: 1,
-                last_seq: 3
-            }
-        );
+        assert_eq!(store.head(&user).await.unwrap(), range(1, 3));
         let read = store.read(&user, 0, 10).await.unwrap();
         let seqs: Vec<Seq> = read.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3], "replayed once each");
@@ -1325,13 +1324,7 @@ mod tests {
         store.close().await.unwrap();
         // Memory is gone too now: the seq must come from the file.
         let store = open(dir.path(), retention);
-        assert_eq!(
-            store.head(&user).await.unwrap(),
-            Head {
-                first_seq: 6,
-                last_seq: 5
-            }
-        );
+        assert_eq!(store.head(&user).await.unwrap(), range(6, 5));
         assert_eq!(
             next_seq(&store, &user).await,
             6,
