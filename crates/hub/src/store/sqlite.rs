@@ -51,7 +51,10 @@ const MAX_READERS: usize = 4;
 const INDEX_CACHE_KIB: i64 = 16 * 1024;
 /// The indexer commits at least this often while it has rows, and at most this late:
 /// longer windows write a page once for several of its rows, and keep more in memory.
-const INDEX_EVERY: Duration = Duration::from_millis(1000);
+/// At 1 s each commit was a 20-40 ms burst of page writes that delayed the journal's
+/// syncs (fixed 20,000/s: p99 25-30 ms against 16-20 ms at 250 ms, for ~5% less peak
+/// throughput; BENCHMARKS.md).
+const INDEX_EVERY: Duration = Duration::from_millis(250);
 /// Within a window, the indexer puts what arrived into the open transaction this often:
 /// many small slices of B-tree work instead of one burst that would take a core from
 /// the publish path for a fifth of a second.
