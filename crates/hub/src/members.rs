@@ -10,15 +10,34 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
+use actix_rt::{Arbiter, ArbiterHandle};
 use bytestring::ByteString;
 
 use crate::ids::{Seq, SessionId, UserId};
 use crate::metrics::Metrics;
 use crate::registry::{RegistryStats, SessionEntry};
-use crate::session::queue::{QueueSender, TrySendError};
+use crate::session::queue::{QueueSender, QueueWaker, TrySendError};
 use crate::session::{Evict, EvictReason, Outbound};
+
+/// The worker thread a session runs on, and how to run something there.
+#[derive(Clone)]
+pub struct Worker {
+    thread: ThreadId,
+    arbiter: ArbiterHandle,
+}
+
+impl Worker {
+    /// The worker of the calling thread. Must run on an actix arbiter.
+    pub fn current() -> Self {
+        Self {
+            thread: thread::current().id(),
+            arbiter: Arbiter::current(),
+        }
+    }
+}
 
 /// Shards of the table; more than the threads that touch it, so they rarely meet.
 const SHARDS: usize = 32;
@@ -117,7 +136,13 @@ impl Members {
                 seq,
                 frame: frame.clone(),
             };
-            let (handed, dropped) = fan_out(entries, item, user, &mut Backlog::default());
+            let (handed, dropped) = fan_out(
+                entries,
+                item,
+                user,
+                &mut Backlog::default(),
+                &mut Wakes::Now,
+            );
             if dropped > 0 {
                 self.forget_if_empty(&mut shard, user, dropped);
             }
@@ -135,6 +160,7 @@ impl Members {
     /// and how far behind their writers are.
     pub fn broadcast(&self, frame: &ByteString) -> (usize, Backlog) {
         let mut backlog = Backlog::default();
+        let mut wakes = Wakes::per_worker();
         let mut total = 0;
         let mut dropped_total = 0;
         for shard in self.shards.iter() {
@@ -142,7 +168,7 @@ impl Members {
             let mut emptied = 0;
             for (user, entries) in shard.iter_mut() {
                 let frame = || Outbound::Frame(frame.clone());
-                let (handed, dropped) = fan_out(entries, frame, user, &mut backlog);
+                let (handed, dropped) = fan_out(entries, frame, user, &mut backlog, &mut wakes);
                 total += handed;
                 dropped_total += dropped;
                 emptied += usize::from(entries.is_empty());
@@ -152,6 +178,7 @@ impl Members {
                 self.users.fetch_sub(emptied, Ordering::SeqCst);
             }
         }
+        wakes.send();
         if dropped_total > 0 {
             self.sessions.fetch_sub(dropped_total, Ordering::SeqCst);
             self.publish_presence();
@@ -221,6 +248,80 @@ impl Backlog {
     }
 }
 
+/// How a fan-out wakes the writers it handed frames to.
+///
+/// A writer woken from another thread waits in its worker's remote queue, which tokio's
+/// `LocalSet` serves once in 31 tasks while local ones are ready. Under a broadcast flood
+/// the writers woken from the other worker starved there until their queues overflowed
+/// (400-600 of 10,000 healthy sessions evicted in half of the maximum-rate runs). A
+/// broadcast therefore wakes each worker's writers from that worker, in one task.
+enum Wakes {
+    /// Wake each writer at once (one user's few sessions).
+    Now,
+    /// Wake this thread's writers at once, and every other worker's in one task run there.
+    PerWorker {
+        here: ThreadId,
+        elsewhere: HashMap<ThreadId, (ArbiterHandle, WakeOnDrop)>,
+    },
+}
+
+impl Wakes {
+    fn per_worker() -> Self {
+        Self::PerWorker {
+            here: thread::current().id(),
+            elsewhere: HashMap::new(),
+        }
+    }
+
+    fn hand(
+        &mut self,
+        entry: &SessionEntry,
+        item: Outbound,
+    ) -> Result<usize, TrySendError<Outbound>> {
+        match self {
+            Self::Now => entry.outbound.push(item),
+            Self::PerWorker { here, elsewhere } => {
+                let queued = entry.outbound.push_quietly(item)?;
+                let waker = entry.outbound.waker();
+                if entry.worker.thread == *here {
+                    waker.wake();
+                } else {
+                    let worker = &entry.worker;
+                    elsewhere
+                        .entry(worker.thread)
+                        .or_insert_with(|| (worker.arbiter.clone(), WakeOnDrop(Vec::new())))
+                        .1
+                        .0
+                        .push(waker);
+                }
+                Ok(queued)
+            }
+        }
+    }
+
+    /// Runs each worker's wakes on that worker.
+    fn send(self) {
+        if let Self::PerWorker { elsewhere, .. } = self {
+            for (arbiter, wakes) in elsewhere.into_values() {
+                // A stopped arbiter drops the task here, which still wakes them all.
+                arbiter.spawn(async move { drop(wakes) });
+            }
+        }
+    }
+}
+
+/// Wakes its writers when dropped: on their worker once its task ran, or here if the
+/// worker is gone.
+struct WakeOnDrop(Vec<QueueWaker>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        for waker in &self.0 {
+            waker.wake();
+        }
+    }
+}
+
 /// Hands `item` to every session in `entries`; evicts the ones whose queue is full.
 /// Answers (handed, dropped); counts the sessions it left more than half full in `backlog`.
 fn fan_out(
@@ -228,10 +329,11 @@ fn fan_out(
     item: impl Fn() -> Outbound,
     user: &UserId,
     backlog: &mut Backlog,
+    wakes: &mut Wakes,
 ) -> (usize, usize) {
     let before = entries.len();
     let mut handed = 0;
-    entries.retain(|entry| match entry.outbound.push(item()) {
+    entries.retain(|entry| match wakes.hand(entry, item()) {
         Ok(queued) => {
             handed += 1;
             if queued * 2 > entry.outbound.capacity() {
@@ -290,6 +392,57 @@ mod tests {
         broadcast_to_writers(5).await;
     }
 
+    /// Records the thread that woke it.
+    struct WokenOn(std::sync::mpsc::Sender<ThreadId>);
+
+    impl std::task::Wake for WokenOn {
+        fn wake(self: Arc<Self>) {
+            let _ = self.0.send(thread::current().id());
+        }
+    }
+
+    /// A writer woken from another thread waits in its worker's remote queue, which tokio
+    /// serves once in 31 tasks while local ones are ready (healthy sessions were evicted
+    /// that way); a broadcast must wake each writer from the writer's own worker.
+    #[actix::test]
+    async fn a_broadcast_wakes_writers_on_their_own_worker() {
+        let members = Arc::new(Members::new(Arc::new(Metrics::default())));
+        let worker = Arbiter::new();
+        let (joined, receiver) = std::sync::mpsc::channel();
+        let on_worker = Arc::clone(&members);
+        worker.spawn_fn(move || {
+            let (outbound, queue) = queue::channel(8);
+            let control = CountEvictions(Arc::default()).start().recipient();
+            let entry = SessionEntry {
+                id: SessionIds::default().next(),
+                outbound,
+                control,
+                worker: Worker::current(),
+            };
+            on_worker.join(UserId::parse("alice").unwrap(), entry);
+            let _ = joined.send((queue, thread::current().id()));
+        });
+        let (mut queue, worker_thread) = receiver.recv().unwrap();
+        let (woken, woken_on) = std::sync::mpsc::channel();
+        let waker = std::task::Waker::from(Arc::new(WokenOn(woken)));
+        let mut recv = Box::pin(queue.recv());
+        let polled = recv
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        assert!(polled.is_pending(), "nothing queued yet");
+
+        let (handed, _) = members.broadcast(&ByteString::from_static("{}"));
+        assert_eq!(handed, 1);
+        let thread = woken_on.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_ne!(
+            thread,
+            thread::current().id(),
+            "woken by the broadcasting thread"
+        );
+        assert_eq!(thread, worker_thread);
+        worker.stop();
+    }
+
     /// Broadcasts to 20 sessions of which `slow` write a frame per millisecond and the
     /// rest as fast as they can; nobody may be evicted.
     async fn broadcast_to_writers(slow: usize) {
@@ -307,6 +460,7 @@ mod tests {
                 id: ids.next(),
                 outbound,
                 control: control.clone(),
+                worker: Worker::current(),
             };
             members.join(UserId::parse(&format!("u{i}")).unwrap(), entry);
             let is_slow = i < slow;

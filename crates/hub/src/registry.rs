@@ -11,7 +11,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 
 use crate::ids::{Seq, SessionId, UserId};
-use crate::members::Members;
+use crate::members::{Members, Worker};
 use crate::session::Evict;
 use crate::session::queue::QueueSender;
 
@@ -22,6 +22,8 @@ pub struct SessionEntry {
     pub outbound: QueueSender,
     /// Tells the session actor to close; the registry never knows the concrete session type.
     pub control: Recipient<Evict>,
+    /// The worker thread the session and its writer run on.
+    pub worker: Worker,
 }
 
 /// Messages queued before senders park (they still enqueue, in order).
@@ -242,6 +244,7 @@ mod tests {
                     id,
                     outbound,
                     control,
+                    worker: Worker::current(),
                 },
             );
             Peer {

@@ -10,6 +10,7 @@ use super::writer::{Writer, WriterError};
 use super::{Evict, EvictReason, Outbound};
 use crate::hub::Hub;
 use crate::ids::{Seq, SessionId, UserId};
+use crate::members::Worker;
 use crate::protocol::{self, ClientFrame, CloseCode, HeartbeatInfo};
 use crate::registry::SessionEntry;
 use crate::transport::{FrameSink, InboundError, InboundFrame, Socket, Upgraded};
@@ -173,6 +174,7 @@ impl Actor for Session {
                 id: self.id,
                 outbound: self.outbound.clone(),
                 control: ctx.address().recipient(),
+                worker: Worker::current(),
             },
         );
         // The writer reads the user's head only after the broker delivers the user's

@@ -62,19 +62,28 @@ impl QueueSender {
 
     /// Like `try_send`; answers how many items the queue holds, `item` included.
     pub fn push(&self, item: Outbound) -> Result<usize, TrySendError<Outbound>> {
-        let len = {
-            let mut state = self.0.lock();
-            if state.reader_gone {
-                return Err(TrySendError::Closed(item));
-            }
-            if state.items.len() >= self.0.capacity {
-                return Err(TrySendError::Full(item));
-            }
-            state.items.push_back(item);
-            state.items.len()
-        };
+        let len = self.push_quietly(item)?;
         self.0.reader.wake();
         Ok(len)
+    }
+
+    /// Like `push`, but leaves waking the writer to the caller (through [`Self::waker`]),
+    /// so that a broadcast can wake each worker's writers from that worker's own thread.
+    pub fn push_quietly(&self, item: Outbound) -> Result<usize, TrySendError<Outbound>> {
+        let mut state = self.0.lock();
+        if state.reader_gone {
+            return Err(TrySendError::Closed(item));
+        }
+        if state.items.len() >= self.0.capacity {
+            return Err(TrySendError::Full(item));
+        }
+        state.items.push_back(item);
+        Ok(state.items.len())
+    }
+
+    /// Wakes the writer later; not a sender (it keeps no queue open).
+    pub fn waker(&self) -> QueueWaker {
+        QueueWaker(Arc::clone(&self.0))
     }
 
     /// Items waiting for the writer.
@@ -113,6 +122,15 @@ impl Drop for QueueSender {
         if last {
             self.0.reader.wake();
         }
+    }
+}
+
+/// Wakes a queue's writer for items pushed with [`QueueSender::push_quietly`].
+pub struct QueueWaker(Arc<Shared>);
+
+impl QueueWaker {
+    pub fn wake(&self) {
+        self.0.reader.wake();
     }
 }
 
