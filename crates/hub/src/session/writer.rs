@@ -22,6 +22,9 @@ use crate::transport::{FLUSH_AT, FrameSink, PeerGone};
 
 /// Notifications read from the store per query during replay and gap fill.
 const PAGE: usize = 500;
+/// Times a writer lets its worker's other tasks run before a write, while frames keep
+/// arriving in between.
+const MAX_YIELDS: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum WriterError {
@@ -56,13 +59,32 @@ impl Writer {
         let mut cursor = self.hello_and_replay().await?;
         let mut early: BTreeMap<Seq, ByteString> = BTreeMap::new();
         let mut gap_deadline: Option<Instant> = None;
+        let mut yields = 0;
+        let mut arrived = false;
         loop {
             // Whatever is queued already goes out in one write; the flush comes only
             // when the queue is empty (or the batch full), right before waiting for more.
             let ready = match self.queue.try_recv() {
-                Ok(item) => Some(item),
+                Ok(item) => {
+                    arrived = true;
+                    Some(item)
+                }
                 Err(TryRecvError::Disconnected) => return Ok(()),
+                Err(TryRecvError::Empty)
+                    if self.sink.queued() > 0
+                        && (yields == 0 || arrived && yields < MAX_YIELDS) =>
+                {
+                    // Before writing, let the worker's other tasks run: on an idle worker
+                    // that costs a few microseconds, on a busy one the frames that arrive
+                    // meanwhile share this write (a flood of broadcasts otherwise costs a
+                    // system call per frame per session).
+                    yields += 1;
+                    arrived = false;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Err(TryRecvError::Empty) => {
+                    yields = 0;
                     self.sink.flush().await?;
                     None
                 }
