@@ -136,13 +136,10 @@ impl Members {
                 seq,
                 frame: frame.clone(),
             };
-            let (handed, dropped) = fan_out(
-                entries,
-                item,
-                user,
-                &mut Backlog::default(),
-                &mut Wakes::Now,
-            );
+            let mut wakes = Wakes::new();
+            let (handed, dropped) =
+                fan_out(entries, item, user, &mut Backlog::default(), &mut wakes);
+            wakes.send();
             if dropped > 0 {
                 self.forget_if_empty(&mut shard, user, dropped);
             }
@@ -160,7 +157,7 @@ impl Members {
     /// and how far behind their writers are.
     pub fn broadcast(&self, frame: &ByteString) -> (usize, Backlog) {
         let mut backlog = Backlog::default();
-        let mut wakes = Wakes::per_worker();
+        let mut wakes = Wakes::new();
         let mut total = 0;
         let mut dropped_total = 0;
         for shard in self.shards.iter() {
@@ -248,64 +245,53 @@ impl Backlog {
     }
 }
 
-/// How a fan-out wakes the writers it handed frames to.
+/// How a fan-out wakes the writers it handed frames to: this thread's at once, every other
+/// worker's from that worker, in one task run there.
 ///
 /// A writer woken from another thread waits in its worker's remote queue, which tokio's
 /// `LocalSet` serves once in 31 tasks while local ones are ready. Under a broadcast flood
 /// the writers woken from the other worker starved there until their queues overflowed
-/// (400-600 of 10,000 healthy sessions evicted in half of the maximum-rate runs). A
-/// broadcast therefore wakes each worker's writers from that worker, in one task.
-enum Wakes {
-    /// Wake each writer at once (one user's few sessions).
-    Now,
-    /// Wake this thread's writers at once, and every other worker's in one task run there.
-    PerWorker {
-        here: ThreadId,
-        elsewhere: HashMap<ThreadId, (ArbiterHandle, WakeOnDrop)>,
-    },
+/// (400-600 of 10,000 healthy sessions evicted in half of the maximum-rate runs).
+struct Wakes {
+    here: ThreadId,
+    elsewhere: HashMap<ThreadId, (ArbiterHandle, WakeOnDrop)>,
 }
 
 impl Wakes {
-    fn per_worker() -> Self {
-        Self::PerWorker {
+    fn new() -> Self {
+        Self {
             here: thread::current().id(),
             elsewhere: HashMap::new(),
         }
     }
 
+    /// Queues `item` for the entry's writer and notes the writer for waking.
     fn hand(
         &mut self,
         entry: &SessionEntry,
         item: Outbound,
     ) -> Result<usize, TrySendError<Outbound>> {
-        match self {
-            Self::Now => entry.outbound.push(item),
-            Self::PerWorker { here, elsewhere } => {
-                let queued = entry.outbound.push_quietly(item)?;
-                let waker = entry.outbound.waker();
-                if entry.worker.thread == *here {
-                    waker.wake();
-                } else {
-                    let worker = &entry.worker;
-                    elsewhere
-                        .entry(worker.thread)
-                        .or_insert_with(|| (worker.arbiter.clone(), WakeOnDrop(Vec::new())))
-                        .1
-                        .0
-                        .push(waker);
-                }
-                Ok(queued)
-            }
+        let queued = entry.outbound.push_quietly(item)?;
+        let waker = entry.outbound.waker();
+        let worker = &entry.worker;
+        if worker.thread == self.here {
+            waker.wake();
+        } else {
+            self.elsewhere
+                .entry(worker.thread)
+                .or_insert_with(|| (worker.arbiter.clone(), WakeOnDrop(Vec::new())))
+                .1
+                .0
+                .push(waker);
         }
+        Ok(queued)
     }
 
-    /// Runs each worker's wakes on that worker.
+    /// Runs each other worker's wakes on that worker.
     fn send(self) {
-        if let Self::PerWorker { elsewhere, .. } = self {
-            for (arbiter, wakes) in elsewhere.into_values() {
-                // A stopped arbiter drops the task here, which still wakes them all.
-                arbiter.spawn(async move { drop(wakes) });
-            }
+        for (arbiter, wakes) in self.elsewhere.into_values() {
+            // A stopped arbiter drops the task here, which still wakes them all.
+            arbiter.spawn(async move { drop(wakes) });
         }
     }
 }
@@ -403,9 +389,9 @@ mod tests {
 
     /// A writer woken from another thread waits in its worker's remote queue, which tokio
     /// serves once in 31 tasks while local ones are ready (healthy sessions were evicted
-    /// that way); a broadcast must wake each writer from the writer's own worker.
+    /// that way); a broadcast or a publish must wake each writer from its own worker.
     #[actix::test]
-    async fn a_broadcast_wakes_writers_on_their_own_worker() {
+    async fn a_fan_out_wakes_writers_on_their_own_worker() {
         let members = Arc::new(Members::new(Arc::new(Metrics::default())));
         let worker = Arbiter::new();
         let (joined, receiver) = std::sync::mpsc::channel();
@@ -440,6 +426,19 @@ mod tests {
             "woken by the broadcasting thread"
         );
         assert_eq!(thread, worker_thread);
+
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(recv.as_mut().poll(&mut cx).is_ready(), "the broadcast");
+        drop(recv);
+        let mut recv = Box::pin(queue.recv());
+        assert!(recv.as_mut().poll(&mut cx).is_pending());
+        let alice = UserId::parse("alice").unwrap();
+        assert_eq!(
+            members.deliver(&alice, 1, &ByteString::from_static("{}")),
+            1
+        );
+        let thread = woken_on.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(thread, worker_thread, "a publish's wake");
         worker.stop();
     }
 

@@ -57,18 +57,14 @@ pub struct QueueSender(Arc<Shared>);
 impl QueueSender {
     /// Queues `item` unless the queue is full or its reader is gone.
     pub fn try_send(&self, item: Outbound) -> Result<(), TrySendError<Outbound>> {
-        self.push(item).map(|_| ())
-    }
-
-    /// Like `try_send`; answers how many items the queue holds, `item` included.
-    pub fn push(&self, item: Outbound) -> Result<usize, TrySendError<Outbound>> {
-        let len = self.push_quietly(item)?;
+        self.push_quietly(item)?;
         self.0.reader.wake();
-        Ok(len)
+        Ok(())
     }
 
-    /// Like `push`, but leaves waking the writer to the caller (through [`Self::waker`]),
-    /// so that a broadcast can wake each worker's writers from that worker's own thread.
+    /// Like `try_send`, but answers how many items the queue holds (`item` included) and
+    /// leaves waking the writer to the caller (through [`Self::waker`]), so that a fan-out
+    /// can wake each worker's writers from that worker's own thread.
     pub fn push_quietly(&self, item: Outbound) -> Result<usize, TrySendError<Outbound>> {
         let mut state = self.0.lock();
         if state.reader_gone {
