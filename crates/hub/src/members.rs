@@ -272,17 +272,16 @@ impl Wakes {
         item: Outbound,
     ) -> Result<usize, TrySendError<Outbound>> {
         let queued = entry.outbound.push_quietly(item)?;
-        let waker = entry.outbound.waker();
         let worker = &entry.worker;
         if worker.thread == self.here {
-            waker.wake();
+            entry.outbound.wake();
         } else {
             self.elsewhere
                 .entry(worker.thread)
                 .or_insert_with(|| (worker.arbiter.clone(), WakeOnDrop(Vec::new())))
                 .1
                 .0
-                .push(waker);
+                .push(entry.outbound.waker());
         }
         Ok(queued)
     }

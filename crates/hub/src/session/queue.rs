@@ -58,8 +58,13 @@ impl QueueSender {
     /// Queues `item` unless the queue is full or its reader is gone.
     pub fn try_send(&self, item: Outbound) -> Result<(), TrySendError<Outbound>> {
         self.push_quietly(item)?;
-        self.0.reader.wake();
+        self.wake();
         Ok(())
+    }
+
+    /// Wakes the writer for items pushed with [`Self::push_quietly`].
+    pub fn wake(&self) {
+        self.0.reader.wake();
     }
 
     /// Like `try_send`, but answers how many items the queue holds (`item` included) and
