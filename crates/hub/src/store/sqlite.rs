@@ -37,7 +37,7 @@ use crate::protocol;
 /// unique index on (user, seq). Keyed by (user, seq) itself, every commit rewrote a leaf
 /// page per user that published (10,000 users: ~10,000 pages, more than the page cache);
 /// now rows append to the end of the table and only the small index entries land
-/// scattered. Versions 1 and 2 are rebuilt in one transaction at open ([`UPGRADE_TO_3`]).
+/// scattered. Versions 1 and 2 are rebuilt in one transaction at open ([`upgrade_to_3`]).
 /// The journal beside the file changes nothing in it.
 const SCHEMA_VERSION: i64 = 3;
 /// File name inside `store.path`.
@@ -75,14 +75,6 @@ CREATE TABLE users (
     user     TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE notifications (
-    user  TEXT NOT NULL,
-    seq   INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    frame TEXT NOT NULL
-);
-CREATE UNIQUE INDEX notifications_by_user ON notifications (user, seq);
-CREATE INDEX notifications_by_age ON notifications (ts_ms);
 CREATE TABLE idempotency (
     user      TEXT NOT NULL,
     key       TEXT NOT NULL,
@@ -95,22 +87,30 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_by_age ON idempotency (ts_ms);
 ";
 
-/// Rebuilds a version 1 or 2 `notifications` table (keyed by (user, seq)) as version 3's
-/// rowid table, oldest rows first; its other tables are already version 3's.
-const UPGRADE_TO_3: &str = "
-CREATE TABLE notifications_v3 (
+/// The notifications table and its indexes; with [`SCHEMA`], the whole version 3 schema.
+const NOTIFICATIONS: &str = "
+CREATE TABLE notifications (
     user  TEXT NOT NULL,
     seq   INTEGER NOT NULL,
     ts_ms INTEGER NOT NULL,
     frame TEXT NOT NULL
 );
-INSERT INTO notifications_v3 (user, seq, ts_ms, frame)
-    SELECT user, seq, ts_ms, frame FROM notifications ORDER BY ts_ms, user, seq;
-DROP TABLE notifications;
-ALTER TABLE notifications_v3 RENAME TO notifications;
 CREATE UNIQUE INDEX notifications_by_user ON notifications (user, seq);
 CREATE INDEX notifications_by_age ON notifications (ts_ms);
 ";
+
+/// Rebuilds a version 1 or 2 `notifications` table (keyed by (user, seq)) as version 3's
+/// rowid table, oldest rows first; the other tables are already version 3's.
+fn upgrade_to_3() -> String {
+    format!(
+        "ALTER TABLE notifications RENAME TO notifications_v2;
+         DROP INDEX notifications_by_age;
+         {NOTIFICATIONS}
+         INSERT INTO notifications (user, seq, ts_ms, frame)
+             SELECT user, seq, ts_ms, frame FROM notifications_v2 ORDER BY ts_ms, user, seq;
+         DROP TABLE notifications_v2;"
+    )
+}
 
 /// What the store asks of its writer thread.
 enum Command {
@@ -1090,7 +1090,7 @@ fn prepare_index(conn: &Connection, fsync: bool) -> Result<(), String> {
     match (version, tables) {
         (0, 0) => conn
             .execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA} {NOTIFICATIONS} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(|e| e.to_string()),
         (SCHEMA_VERSION, _) => Ok(()),
@@ -1101,7 +1101,8 @@ fn prepare_index(conn: &Connection, fsync: bool) -> Result<(), String> {
                 "upgrading the store's schema"
             );
             conn.execute_batch(&format!(
-                "BEGIN; {UPGRADE_TO_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                upgrade_to_3()
             ))
             .map_err(|e| format!("upgrading schema version {version} failed ({e})"))
         }
