@@ -70,6 +70,7 @@ const INDEX_QUEUE: usize = 4096;
 /// How often the indexer tries to checkpoint while sealed journal segments wait for it.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// Every table but `notifications` ([`NOTIFICATIONS`]).
 const SCHEMA: &str = "
 CREATE TABLE users (
     user     TEXT PRIMARY KEY,
