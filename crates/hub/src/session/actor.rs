@@ -1,6 +1,7 @@
 //! The session actor: joins the session table, runs the heartbeat, reads the peer, and closes with the right code.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -77,12 +78,13 @@ impl Session {
         }
     }
 
-    /// Heartbeat ticks fall on a grid shared by every session of the process, so one
-    /// timer wake-up serves all the sessions due in that slot (and their pongs come
-    /// back together), rather than every session waking its thread on its own.
+    /// Heartbeat ticks fall on slots of a grid shared by every session of the process,
+    /// so one timer wake-up serves all the sessions due in a slot, and sessions are dealt
+    /// over the slots of one interval ([`first_tick`]), so the pings are spread evenly
+    /// however the sessions arrived.
     fn start_heartbeat(&mut self, ctx: &mut Context<Self>) {
         let interval = self.hub.config().heartbeat.interval;
-        ctx.run_later(until_next_slot(interval), move |act, ctx| {
+        ctx.run_later(first_tick(interval), move |act, ctx| {
             act.heartbeat(ctx);
             ctx.run_interval(interval, |act, ctx| act.heartbeat(ctx));
         });
@@ -146,17 +148,54 @@ impl Session {
 }
 
 /// How far the heartbeat grid's slots are apart, at most.
-const HEARTBEAT_SLOT: Duration = Duration::from_secs(1);
+const HEARTBEAT_SLOT: Duration = Duration::from_millis(100);
 
-/// The wait from now to the first heartbeat slot at least `interval` away.
-fn until_next_slot(interval: Duration) -> Duration {
+/// The wait from now to this session's first heartbeat tick, in (0, interval]. Sessions
+/// are dealt round-robin over the interval's slots: 10,000 sessions that connected within
+/// one second (a restart's reconnect wave, a benchmark) would otherwise all ping in the
+/// same instant, forever, and each such round of pings and pongs stalled a worker for
+/// ~150 ms under load (BENCHMARKS.md). Dealt out, a slot holds 1/200 of them by default.
+fn first_tick(interval: Duration) -> Duration {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let slot = HEARTBEAT_SLOT.min(interval).as_nanos().max(1);
+    static DEALT: AtomicU64 = AtomicU64::new(0);
     let now = Instant::now();
-    let since_epoch = now.duration_since(*EPOCH.get_or_init(|| now)) + interval;
-    let late = since_epoch.as_nanos() % slot;
-    // Below one slot, so it fits.
-    interval + Duration::from_nanos(((slot - late) % slot) as u64)
+    let grid = Grid::new(interval);
+    let phase = grid.phase(DEALT.fetch_add(1, Ordering::Relaxed));
+    grid.wait(now.duration_since(*EPOCH.get_or_init(|| now)), phase)
+}
+
+/// One heartbeat interval cut into slots; times are nanoseconds since the process's epoch.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    interval: u128,
+    slot: u128,
+}
+
+impl Grid {
+    fn new(interval: Duration) -> Self {
+        let interval = interval.as_nanos().max(1);
+        Self {
+            interval,
+            slot: HEARTBEAT_SLOT.as_nanos().min(interval),
+        }
+    }
+
+    /// The offset into the interval of the `nth` session's slot.
+    fn phase(self, nth: u64) -> u128 {
+        let slots = (self.interval / self.slot).max(1);
+        (u128::from(nth) % slots) * self.slot
+    }
+
+    /// From `since_epoch` to the next moment at `phase` into an interval, in (0, interval].
+    fn wait(self, since_epoch: Duration, phase: u128) -> Duration {
+        let into = since_epoch.as_nanos() % self.interval;
+        let wait = match (phase + self.interval - into) % self.interval {
+            0 => self.interval,
+            wait => wait,
+        };
+        // Below one interval, which came from a Duration, so it fits.
+        Duration::from_nanos(wait as u64)
+    }
 }
 
 impl Actor for Session {
@@ -249,5 +288,59 @@ impl Handler<Evict> for Session {
     /// The registry (slow consumer) or the node (shutdown) closes this session.
     fn handle(&mut self, msg: Evict, ctx: &mut Self::Context) {
         self.evict(ctx, msg.reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(20);
+
+    /// Where in its interval a tick falls that `wait` after `since_epoch` is due.
+    fn lands_at(grid: Grid, since_epoch: Duration, wait: Duration) -> u128 {
+        (since_epoch + wait).as_nanos() % grid.interval
+    }
+
+    #[test]
+    fn sessions_that_arrive_together_ping_in_different_slots() {
+        let grid = Grid::new(INTERVAL);
+        let arrived = Duration::from_millis(123_456_789);
+        let mut per_tick: HashMap<u128, usize> = HashMap::new();
+        for nth in 0..10_000 {
+            let wait = grid.wait(arrived, grid.phase(nth));
+            *per_tick.entry(lands_at(grid, arrived, wait)).or_default() += 1;
+        }
+        // 200 slots of 100 ms in 20 s, 50 sessions each: nowhere a herd.
+        assert_eq!(per_tick.len(), 200);
+        assert!(per_tick.values().all(|&n| n == 50), "{per_tick:?}");
+    }
+
+    #[test]
+    fn the_first_tick_comes_within_one_interval_on_its_slot() {
+        let grid = Grid::new(INTERVAL);
+        for since_ms in [0, 1, 99, 100, 19_999, 20_000, 987_654_321] {
+            let since = Duration::from_millis(since_ms);
+            for nth in [0, 1, 57, 199, 200, 12_345] {
+                let phase = grid.phase(nth);
+                let wait = grid.wait(since, phase);
+                assert!(
+                    wait > Duration::ZERO && wait <= INTERVAL,
+                    "{since_ms} {nth}: {wait:?}"
+                );
+                assert_eq!(lands_at(grid, since, wait), phase, "{since_ms} {nth}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_interval_shorter_than_a_slot_is_one_slot() {
+        let grid = Grid::new(Duration::from_millis(30));
+        assert_eq!(grid.phase(0), 0);
+        assert_eq!(grid.phase(7), 0);
+        let wait = grid.wait(Duration::from_millis(10), 0);
+        assert_eq!(wait, Duration::from_millis(20));
     }
 }
