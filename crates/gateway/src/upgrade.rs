@@ -1,4 +1,4 @@
-//! WebSocket upgrades, taken from actix-http's HTTP/1 dispatcher: check the subscriber, send the 101, hand the bare socket to the hub.
+//! WebSocket upgrades, taken from actix-http's HTTP/1 dispatcher: check the subscriber, encode the 101, hand it and the bare socket to the hub.
 //!
 //! actix-http calls this for every request that asks for `Upgrade: websocket`, instead of
 //! the actix-web routes; everything else stays with them. Taking the socket here is what
@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use actix_codec::Encoder;
 use actix_codec::Framed;
 use actix_http::body::{BodySize, MessageBody};
 use actix_http::h1::{Codec, Message};
@@ -40,7 +41,7 @@ pub fn service(
         async move {
             match accept(&state, &req) {
                 Ok((subscription, response)) => {
-                    open(&state, subscription, response, framed, stalled_peer_limit).await
+                    open(&state, subscription, response, framed, stalled_peer_limit)
                 }
                 Err(refused) => refuse(framed, &refused).await,
             }
@@ -69,28 +70,32 @@ fn accept(state: &AppState, req: &Request) -> Result<(Subscription, Response<()>
     Ok((subscription, response))
 }
 
-/// Sends the 101, then gives the socket (and anything the peer sent after its
-/// handshake) to a new session on this worker.
-async fn open(
+/// Encodes the 101 and gives it to a new session on this worker with the socket (and
+/// anything the peer sent after its handshake): the session sends it with its `hello`.
+fn open(
     state: &AppState,
     subscription: Subscription,
     response: Response<()>,
-    mut framed: Framed<TcpStream, Codec>,
+    framed: Framed<TcpStream, Codec>,
     stalled_peer_limit: Duration,
 ) {
-    if framed
-        .send(Message::Item((response, BodySize::None)))
-        .await
+    let mut parts = framed.into_parts();
+    if parts
+        .codec
+        .encode(
+            Message::Item((response, BodySize::None)),
+            &mut parts.write_buf,
+        )
         .is_err()
     {
         return;
     }
-    let parts = framed.into_parts();
     socket::tune(&parts.io, stalled_peer_limit);
     let Subscription { user, since } = subscription;
     let upgraded = Upgraded {
         stream: parts.io,
         read_ahead: parts.read_buf,
+        handshake: parts.write_buf.freeze(),
     };
     let session = state.hub.open_session(user.clone(), since, upgraded);
     tracing::debug!(user = %user, session = %session, since = ?since, "subscribed");

@@ -22,19 +22,25 @@ mod outbound;
 pub use inbound::{Inbound, InboundError, InboundFrame};
 pub use outbound::{FLUSH_AT, FrameSink, PeerGone};
 
+use outbound::Wire;
+
 use std::cell::Cell;
 use std::rc::Rc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::net::TcpStream;
 
-/// A socket the gateway upgraded: the 101 is sent, the rest is the session's.
+/// A socket the gateway upgraded: the 101 is decided, the rest is the session's.
 #[derive(Debug)]
 pub struct Upgraded {
     pub stream: TcpStream,
     /// Bytes the peer sent after its handshake that the HTTP parser had already read.
     pub read_ahead: BytesMut,
+    /// The encoded 101 response, not sent yet: it goes out in one write with the session's
+    /// first frames (the `hello`), which saves a write and the peer a read per connect.
+    /// Empty when the gateway sent it already.
+    pub handshake: Bytes,
 }
 
 /// The parts of one connection a session holds.
@@ -48,19 +54,23 @@ pub(crate) struct Transport {
 #[derive(Clone)]
 pub(crate) struct Socket {
     io: Rc<TcpStream>,
-    /// Set while a frame is written in part: nothing else may follow it on the wire.
-    torn: Rc<Cell<bool>>,
+    /// Where the writer left the wire: only between frames may a close frame follow.
+    wire: Rc<Cell<Wire>>,
 }
 
 impl Upgraded {
     /// Splits the connection for one session; the reader refuses messages over `max_message`.
     pub(crate) fn into_transport(self, max_message: usize) -> Transport {
         let io = Rc::new(self.stream);
-        let torn = Rc::new(Cell::new(false));
+        let wire = Rc::new(Cell::new(Wire::Clean));
+        let mut sink = FrameSink::new(Rc::clone(&io), Rc::clone(&wire));
+        if !self.handshake.is_empty() {
+            sink.queue_handshake(self.handshake);
+        }
         Transport {
             inbound: Inbound::new(Rc::clone(&io), self.read_ahead, max_message),
-            sink: FrameSink::new(Rc::clone(&io), Rc::clone(&torn)),
-            socket: Socket { io, torn },
+            sink,
+            socket: Socket { io, wire },
         }
     }
 }
@@ -70,8 +80,10 @@ impl Socket {
     /// (until `deadline`) for the peer's close or its hang-up before closing the socket.
     /// A peer that does not take the close frame in time gets a reset.
     pub(crate) async fn close(self, code: u16, deadline: tokio::time::Instant) {
-        let sent = !self.torn.get() && {
-            let mut sink = FrameSink::new(Rc::clone(&self.io), Rc::clone(&self.torn));
+        // A peer that never got its 101 gets no close frame either: a reset ends its
+        // handshake the way any failed connect does.
+        let sent = self.wire.get() == Wire::Clean && {
+            let mut sink = FrameSink::new(Rc::clone(&self.io), Rc::clone(&self.wire));
             sink.queue_close(code);
             matches!(
                 tokio::time::timeout_at(deadline, sink.flush()).await,
@@ -121,6 +133,11 @@ mod tests {
 
     /// A real loopback connection: the server side as a session gets it, and the peer.
     async fn pair() -> (Transport, TcpStream) {
+        pair_after(Bytes::new()).await
+    }
+
+    /// A transport whose 101 (`handshake`) is still to be sent, and its peer.
+    async fn pair_after(handshake: Bytes) -> (Transport, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -129,6 +146,7 @@ mod tests {
         let upgraded = Upgraded {
             stream,
             read_ahead: BytesMut::new(),
+            handshake,
         };
         (upgraded.into_transport(MAX), peer)
     }
@@ -224,7 +242,7 @@ mod tests {
         }
         transport.sink.queue_ping();
         transport.sink.flush().await.unwrap();
-        assert!(!transport.socket.torn.get());
+        assert_eq!(transport.socket.wire.get(), Wire::Clean);
         drop(transport);
         let got = reader.await.unwrap();
         let mut at = 0;
@@ -235,5 +253,39 @@ mod tests {
             at += 10 + 300_000;
         }
         assert_eq!(&got[at..], &[0x89, 0x00], "the ping last, nothing after it");
+    }
+
+    const SWITCHING: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+
+    #[tokio::test]
+    async fn the_101_goes_out_first_with_the_first_frame() {
+        let (mut transport, mut peer) = pair_after(Bytes::from_static(SWITCHING)).await;
+        assert_eq!(transport.socket.wire.get(), Wire::Handshake);
+        transport.sink.queue_ping();
+        transport
+            .sink
+            .send_text(Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        assert_eq!(transport.socket.wire.get(), Wire::Clean);
+        drop(transport);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        let mut want = SWITCHING.to_vec();
+        want.extend([0x89, 0x00, 0x81, 0x05]);
+        want.extend(b"hello");
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_close_before_the_101_went_out_sends_no_frame() {
+        let (transport, mut peer) = pair_after(Bytes::from_static(SWITCHING)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        transport.socket.clone().close(1001, deadline).await;
+        drop(transport);
+        let mut got = Vec::new();
+        // A reset or an end, and not one byte: a close frame without its 101 is garbage.
+        let _ = peer.read_to_end(&mut got).await;
+        assert!(got.is_empty(), "{got:?}");
     }
 }

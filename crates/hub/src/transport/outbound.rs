@@ -54,6 +54,12 @@ impl Header {
         Self { bytes, len }
     }
 
+    /// No header: bytes that go out as they are (the 101 before the first frame).
+    const NONE: Self = Self {
+        bytes: [0; 10],
+        len: 0,
+    };
+
     fn as_slice(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
@@ -70,23 +76,48 @@ impl Frame {
     }
 }
 
+/// How far the peer got in the connection's bytes, for whoever writes after this sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// The 101 is not all sent: no frame may go out without it.
+    Handshake,
+    /// Between frames: a close frame may follow.
+    Clean,
+    /// A frame is sent in part: nothing else may follow it.
+    Torn,
+}
+
 /// Writes one session's frames, in order. Frames are queued, then `flush` writes them.
 pub struct FrameSink {
     io: Rc<TcpStream>,
     queued: VecDeque<Frame>,
     /// How much of the first queued frame is on the wire already.
     written: usize,
-    torn: Rc<Cell<bool>>,
+    /// The 101 is the first queued item and not all sent yet.
+    handshaking: bool,
+    wire: Rc<Cell<Wire>>,
 }
 
 impl FrameSink {
-    pub(crate) fn new(io: Rc<TcpStream>, torn: Rc<Cell<bool>>) -> Self {
+    pub(crate) fn new(io: Rc<TcpStream>, wire: Rc<Cell<Wire>>) -> Self {
         Self {
             io,
             queued: VecDeque::new(),
             written: 0,
-            torn,
+            handshaking: false,
+            wire,
         }
+    }
+
+    /// Queues the upgrade's 101 in front of everything: the first flush sends it together
+    /// with the first frames, in one write.
+    pub(crate) fn queue_handshake(&mut self, response: Bytes) {
+        self.queued.push_front(Frame {
+            header: Header::NONE,
+            payload: response,
+        });
+        self.handshaking = true;
+        self.wire.set(Wire::Handshake);
     }
 
     pub fn queued(&self) -> usize {
@@ -164,9 +195,17 @@ impl FrameSink {
             }
             n -= front.len();
             self.queued.pop_front();
+            // The 101 is always first: whatever left the queue, it was among it.
+            self.handshaking = false;
         }
         self.written = n;
-        self.torn.set(n > 0);
+        self.wire.set(if self.handshaking {
+            Wire::Handshake
+        } else if n > 0 {
+            Wire::Torn
+        } else {
+            Wire::Clean
+        });
         Ok(())
     }
 }
