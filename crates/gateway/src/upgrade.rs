@@ -15,6 +15,7 @@ use actix_service::{ServiceFactory, fn_service};
 use actix_web::ResponseError;
 use actix_web::rt::net::TcpStream;
 use actix_web::web::Data;
+use bytes::Bytes;
 use futures_util::SinkExt;
 use herald_hub::Upgraded;
 use percent_encoding::percent_decode_str;
@@ -95,7 +96,9 @@ fn open(
     let upgraded = Upgraded {
         stream: parts.io,
         read_ahead: parts.read_buf,
-        handshake: parts.write_buf.freeze(),
+        // A copy of its size: the codec's buffer has room for far more, and every
+        // connecting session would hold that until its first write.
+        handshake: Bytes::copy_from_slice(&parts.write_buf),
     };
     let session = state.hub.open_session(user.clone(), since, upgraded);
     tracing::debug!(user = %user, session = %session, since = ?since, "subscribed");
