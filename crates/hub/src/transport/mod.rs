@@ -22,14 +22,14 @@ mod outbound;
 pub use inbound::{Inbound, InboundError, InboundFrame};
 pub use outbound::{FLUSH_AT, FrameSink, PeerGone};
 
-use outbound::Wire;
-
 use std::cell::Cell;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::net::TcpStream;
+
+use outbound::Wire;
 
 /// A socket the gateway upgraded: the 101 is decided, the rest is the session's.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ pub struct Upgraded {
     pub read_ahead: BytesMut,
     /// The encoded 101 response, not sent yet: it goes out in one write with the session's
     /// first frames (the `hello`), which saves a write and the peer a read per connect.
-    /// Empty when the gateway sent it already.
+    /// Empty when there is nothing to send first.
     pub handshake: Bytes,
 }
 
