@@ -93,8 +93,6 @@ pub struct FrameSink {
     queued: VecDeque<Frame>,
     /// How much of the first queued frame is on the wire already.
     written: usize,
-    /// The 101 is the first queued item and not all sent yet.
-    handshaking: bool,
     wire: Rc<Cell<Wire>>,
 }
 
@@ -104,7 +102,6 @@ impl FrameSink {
             io,
             queued: VecDeque::new(),
             written: 0,
-            handshaking: false,
             wire,
         }
     }
@@ -116,7 +113,6 @@ impl FrameSink {
             header: Header::NONE,
             payload: response,
         });
-        self.handshaking = true;
         self.wire.set(Wire::Handshake);
     }
 
@@ -189,17 +185,19 @@ impl FrameSink {
             return Err(io::ErrorKind::WriteZero.into());
         }
         n += self.written;
+        let mut sent_whole = false;
         while let Some(front) = self.queued.front() {
             if n < front.len() {
                 break;
             }
             n -= front.len();
             self.queued.pop_front();
-            // The 101 is always first: whatever left the queue, it was among it.
-            self.handshaking = false;
+            sent_whole = true;
         }
         self.written = n;
-        self.wire.set(if self.handshaking {
+        // The 101 is always first: once anything left the queue whole, it was among it.
+        let handshaking = self.wire.get() == Wire::Handshake && !sent_whole;
+        self.wire.set(if handshaking {
             Wire::Handshake
         } else if n > 0 {
             Wire::Torn
