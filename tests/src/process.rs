@@ -56,10 +56,24 @@ pub struct Exited {
 }
 
 /// `herald serve` with test secrets, its store in `store`, and `env` on top.
-fn command(store: &Path, env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(herald_bin());
-    cmd.arg("serve")
-        .env_clear()
+/// `herald serve` with test settings; with `open_files`, under that open-file limit (sh
+/// lowers it for itself, then becomes Herald, so the limit is Herald's alone).
+fn command(store: &Path, env: &[(&str, &str)], open_files: Option<u64>) -> Command {
+    let mut cmd = match open_files {
+        None => {
+            let mut cmd = Command::new(herald_bin());
+            cmd.arg("serve");
+            cmd
+        }
+        Some(limit) => {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", r#"ulimit -n "$1" && exec "$0" serve"#])
+                .arg(herald_bin())
+                .arg(limit.to_string());
+            cmd
+        }
+    };
+    cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
         // Plain text, so tests can search the log.
@@ -84,7 +98,16 @@ fn command(store: &Path, env: &[(&str, &str)]) -> Command {
 impl HeraldProcess {
     /// Starts `herald serve` with test secrets, its store in `store`, and `env` on top.
     pub fn start(store: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = command(store, env)
+        Self::spawn(command(store, env, None))
+    }
+
+    /// A Herald that may hold at most `limit` open files (sockets included).
+    pub fn start_with_open_files(store: &Path, env: &[(&str, &str)], limit: u64) -> Self {
+        Self::spawn(command(store, env, Some(limit)))
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -112,7 +135,7 @@ impl HeraldProcess {
 
     /// Runs `herald serve` expecting it to refuse to start; panics if it starts listening.
     pub fn start_fails(store: &Path, env: &[(&str, &str)]) -> Exited {
-        let mut child = command(store, env)
+        let mut child = command(store, env, None)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
