@@ -254,14 +254,16 @@ impl Backlog {
 /// (400-600 of 10,000 healthy sessions evicted in half of the maximum-rate runs).
 struct Wakes {
     here: ThreadId,
-    elsewhere: HashMap<ThreadId, (ArbiterHandle, WakeOnDrop)>,
+    /// Per other worker, the writers to wake there. A few workers (one per core), so a
+    /// scan beats hashing the thread id once per session of every broadcast.
+    elsewhere: Vec<(ThreadId, ArbiterHandle, Vec<QueueWaker>)>,
 }
 
 impl Wakes {
     fn new() -> Self {
         Self {
             here: thread::current().id(),
-            elsewhere: HashMap::new(),
+            elsewhere: Vec::new(),
         }
     }
 
@@ -275,20 +277,26 @@ impl Wakes {
         let worker = &entry.worker;
         if worker.thread == self.here {
             entry.outbound.wake();
-        } else {
-            self.elsewhere
-                .entry(worker.thread)
-                .or_insert_with(|| (worker.arbiter.clone(), WakeOnDrop(Vec::new())))
-                .1
-                .0
-                .push(entry.outbound.waker());
+            return Ok(queued);
+        }
+        let waker = entry.outbound.waker();
+        match self
+            .elsewhere
+            .iter_mut()
+            .find(|(thread, ..)| *thread == worker.thread)
+        {
+            Some((_, _, wakers)) => wakers.push(waker),
+            None => self
+                .elsewhere
+                .push((worker.thread, worker.arbiter.clone(), vec![waker])),
         }
         Ok(queued)
     }
 
     /// Runs each other worker's wakes on that worker.
     fn send(self) {
-        for (arbiter, wakes) in self.elsewhere.into_values() {
+        for (_, arbiter, wakers) in self.elsewhere {
+            let wakes = WakeOnDrop(wakers);
             // A stopped arbiter drops the task here, which still wakes them all.
             arbiter.spawn(async move { drop(wakes) });
         }
