@@ -14,7 +14,7 @@
 //! - [`listener`]: the listening sockets, one per worker on one address (`SO_REUSEPORT`).
 //! - `workers`: the HTTP worker threads, each accepting and serving its own connections.
 //! - `upgrade`: WebSocket upgrades, taken from the HTTP dispatcher and handed to the hub.
-//! - `socket`: kernel settings for a WebSocket's TCP connection.
+//! - `socket`: kernel settings for every accepted TCP connection, set on the listeners.
 //! - `telemetry`: tracing setup.
 
 mod auth;

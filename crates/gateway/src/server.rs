@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_http::HttpService;
-use actix_service::{IntoServiceFactory, ServiceFactoryExt, map_config};
+use actix_http::{HttpService, Protocol};
+use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_config};
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
 use herald_hub::Hub;
@@ -20,6 +20,7 @@ use crate::memory;
 use crate::routes::{self, AppState};
 use crate::secrets::{Secrets, SecretsError};
 use crate::settings::{EngineKind, Settings};
+use crate::socket;
 use crate::upgrade;
 use crate::workers::Workers;
 
@@ -79,15 +80,21 @@ pub async fn run(
             .configure(routes::configure)
             .into_factory()
             .map_err(|e: actix_web::Error| e.error_response());
-        HttpService::build()
+        let http = HttpService::build()
             // A client that stopped reading must not hold a finished response's socket.
             .client_disconnect_timeout(Duration::from_secs(1))
-            .upgrade(upgrade::service(state.clone(), stalled_peer_limit))
-            .finish(map_config(app, |_| AppConfig::default()))
-            .tcp()
+            .upgrade(upgrade::service(state.clone()))
+            .finish(map_config(app, |_| AppConfig::default()));
+        // What actix-http's `tcp()` does, with the peer's address that accept already
+        // gave instead of asking the kernel again (`getpeername`) for every connection.
+        fn_service(|(io, peer)| async move { Ok((io, Protocol::Http1, Some(peer))) }).and_then(http)
     };
+    let sockets = listener.for_workers(workers)?;
+    for socket in &sockets {
+        socket::tune(socket, stalled_peer_limit)?;
+    }
     let mut workers = Workers::start(
-        listener.for_workers(workers)?,
+        sockets,
         settings.server.max_connections_per_worker,
         http_service,
     )

@@ -4,8 +4,6 @@
 //! the actix-web routes; everything else stays with them. Taking the socket here is what
 //! lets a session run without the dispatcher's buffers (see `herald_hub::transport`).
 
-use std::time::Duration;
-
 use actix_codec::Encoder;
 use actix_codec::Framed;
 use actix_http::body::{BodySize, MessageBody};
@@ -23,13 +21,11 @@ use percent_encoding::percent_decode_str;
 use crate::error::ApiError;
 use crate::routes::AppState;
 use crate::routes::subscribe::{self, Subscription};
-use crate::socket;
 
-/// The upgrade service one HTTP worker runs. `stalled_peer_limit` bounds how long the
-/// kernel keeps sending to a peer that acknowledges nothing (the heartbeat timeout).
+/// The upgrade service one HTTP worker runs. The socket's kernel settings came with it
+/// from the listener (`socket::tune`).
 pub fn service(
     state: Data<AppState>,
-    stalled_peer_limit: Duration,
 ) -> impl ServiceFactory<
     (Request, Framed<TcpStream, Codec>),
     Config = (),
@@ -41,9 +37,7 @@ pub fn service(
         let state = state.clone();
         async move {
             match accept(&state, &req) {
-                Ok((subscription, response)) => {
-                    open(&state, subscription, response, framed, stalled_peer_limit)
-                }
+                Ok((subscription, response)) => open(&state, subscription, response, framed),
                 Err(refused) => refuse(framed, &refused).await,
             }
             Ok(())
@@ -78,7 +72,6 @@ fn open(
     subscription: Subscription,
     response: Response<()>,
     framed: Framed<TcpStream, Codec>,
-    stalled_peer_limit: Duration,
 ) {
     let mut parts = framed.into_parts();
     if parts
@@ -91,7 +84,6 @@ fn open(
     {
         return;
     }
-    socket::tune(&parts.io, stalled_peer_limit);
     let Subscription { user, since } = subscription;
     let upgraded = Upgraded {
         stream: parts.io,

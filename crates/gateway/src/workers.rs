@@ -7,6 +7,7 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,6 +25,9 @@ use tokio::sync::{Semaphore, oneshot, watch};
 /// connection (out of file descriptors, EMFILE/ENFILE, out of memory): retrying at once
 /// would spin on the same error. actix-server waits the same.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A connection as accept gave it: the socket and the peer's address.
+pub type Accepted = (TcpStream, SocketAddr);
 
 /// The running workers.
 pub struct Workers {
@@ -51,7 +55,7 @@ impl Workers {
     ) -> io::Result<Self>
     where
         F: Fn() -> S + Clone + Send + 'static,
-        S: ServiceFactory<TcpStream, Config = (), Response = (), InitError = ()> + 'static,
+        S: ServiceFactory<Accepted, Config = (), Response = (), InitError = ()> + 'static,
         S::Service: 'static,
     {
         let (stop_accepting, accepting) = watch::channel(false);
@@ -177,7 +181,7 @@ impl Serve {
         factory: S,
         started: oneshot::Sender<io::Result<()>>,
     ) where
-        S: ServiceFactory<TcpStream, Config = (), Response = (), InitError = ()>,
+        S: ServiceFactory<Accepted, Config = (), Response = (), InitError = ()>,
         S::Service: 'static,
     {
         let listener = match TcpListener::from_std(listener) {
@@ -199,13 +203,13 @@ impl Serve {
         // and new connections wait in the kernel's backlog.
         let slots = Arc::new(Semaphore::new(self.max_connections));
         while let Some(slot) = self.next_slot(&slots).await {
-            let Some(stream) = self.accept(&listener).await else {
+            let Some(accepted) = self.accept(&listener).await else {
                 break;
             };
             let service = Rc::clone(&service);
             actix_rt::spawn(async move {
                 if poll_fn(|cx| service.poll_ready(cx)).await.is_ok() {
-                    let _ = service.call(stream).await;
+                    let _ = service.call(accepted).await;
                 }
                 drop(slot);
             });
@@ -231,7 +235,7 @@ impl Serve {
     }
 
     /// The next connection, or `None` once the worker is to stop accepting.
-    async fn accept(&mut self, listener: &TcpListener) -> Option<TcpStream> {
+    async fn accept(&mut self, listener: &TcpListener) -> Option<Accepted> {
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -239,7 +243,7 @@ impl Serve {
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => return Some(stream),
+                Ok(accepted) => return Some(accepted),
                 // The peer gave up before the accept: the next connection may be fine.
                 Err(e) if is_about_one_connection(&e) => {}
                 Err(e) => {
@@ -269,7 +273,6 @@ fn is_about_one_connection(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
-    use std::net::SocketAddr;
 
     use actix_service::fn_service;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -286,7 +289,7 @@ mod tests {
         let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr();
         let service = || {
-            fn_service(|mut stream: TcpStream| async move {
+            fn_service(|(mut stream, _): Accepted| async move {
                 let mut go = [0u8; 1];
                 let _ = stream.read_exact(&mut go).await;
                 let name = std::thread::current().name().unwrap_or_default().to_owned();
