@@ -91,7 +91,10 @@ pub async fn run(
     };
     let sockets = listener.for_workers(workers)?;
     for socket in &sockets {
-        socket::tune(socket, stalled_peer_limit)?;
+        // Both are refinements: the heartbeat evicts a vanished peer without them too.
+        if let Err(e) = socket::tune(socket, stalled_peer_limit) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY or TCP_USER_TIMEOUT; connections go without");
+        }
     }
     let mut workers = Workers::start(
         sockets,
