@@ -55,9 +55,9 @@ pub struct Exited {
     pub log: String,
 }
 
-/// `herald serve` with test secrets, its store in `store`, and `env` on top.
-/// `herald serve` with test settings; with `open_files`, under that open-file limit (sh
-/// lowers it for itself, then becomes Herald, so the limit is Herald's alone).
+/// `herald serve` with test secrets, its store in `store`, and `env` on top; with
+/// `open_files`, under that open-file limit (sh lowers it for itself, then becomes
+/// Herald, so the limit is Herald's alone).
 fn command(store: &Path, env: &[(&str, &str)], open_files: Option<u64>) -> Command {
     let mut cmd = match open_files {
         None => {
