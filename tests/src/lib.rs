@@ -8,7 +8,7 @@ mod redis;
 mod server;
 
 pub use client::{Event, Publisher, Subscriber, seqs};
-pub use probe::{TCP_ESTABLISHED, eventually, rss_bytes, server_socket_state};
+pub use probe::{TCP_ESTABLISHED, eventually, rss_bytes, rss_bytes_of, server_socket_state};
 pub use process::{Exited, HeraldProcess};
 pub use raw::{RawResponse, RawWebSocket, client_fragment, client_frame, raw_http};
 pub use redis::RedisServer;

@@ -9,7 +9,7 @@
 //! - `routes`: the endpoints of `API.md`, one module per concern.
 //! - `body`: JSON request bodies and their 400/413/415/422 errors.
 //! - `error`: every HTTP error and its one JSON mapping.
-//! - `memory`: returns memory freed by closed sessions to the OS.
+//! - `memory`: the allocator (mimalloc), and returning memory freed by closed sessions to the OS.
 //! - [`server`]: `run(listener, settings, shutdown)`, the whole server, callable from tests.
 //! - [`listener`]: the listening sockets, one per worker on one address (`SO_REUSEPORT`).
 //! - `workers`: the HTTP worker threads, each accepting and serving its own connections.

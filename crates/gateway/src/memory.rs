@@ -1,36 +1,46 @@
-//! Hands memory that closed sessions freed back to the OS (glibc keeps it otherwise).
+//! Herald's allocator, and handing back to the OS the memory that closed sessions freed.
 
 use std::time::Duration;
 
+use actix_rt::ArbiterHandle;
 use herald_hub::Hub;
 
-/// How often the session count is checked.
-const CHECK_EVERY: Duration = Duration::from_secs(5);
-/// Sessions that must have closed since the last trim before another is worth its cost.
-const CLOSED_BEFORE_TRIM: usize = 500;
+/// mimalloc instead of glibc's malloc, for the `herald` binary and every test that links
+/// this crate. Opening, serving and closing sessions and answering publishes make many
+/// small, short-lived allocations on the worker thread that owns them, which mimalloc
+/// serves from that thread's own free lists (bench/analysis.md: less CPU per durable
+/// publish and per churned session, about the same memory per connection).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Runs until the hub stops answering: after many sessions closed, asks glibc to
-/// release the free pages it holds, so a node's RSS follows its connection count.
-pub async fn trim_after_closes(hub: Hub) {
-    let mut high_water = 0usize;
+/// How often the count of closed sessions is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Sessions that must have closed since the last release before another is worth its cost.
+const CLOSED_BEFORE_RELEASE: u64 = 500;
+
+/// Runs until aborted: after many sessions closed, asks the allocator on every HTTP
+/// worker (where sessions live, and are freed) to give its free pages back to the OS, so
+/// a node's RSS follows its connection count. mimalloc would otherwise keep a quiet
+/// thread's emptied pages until that thread allocates again.
+pub async fn release_after_closes(hub: Hub, workers: Vec<ArbiterHandle>) {
+    let mut released_at = hub.sessions_left();
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     loop {
         ticks.tick().await;
-        let Ok(stats) = hub.stats().await else { return };
-        high_water = high_water.max(stats.sessions);
-        if high_water - stats.sessions >= CLOSED_BEFORE_TRIM {
-            release_free_memory();
-            high_water = stats.sessions;
+        let left = hub.sessions_left();
+        if left - released_at >= CLOSED_BEFORE_RELEASE {
+            for worker in &workers {
+                worker.spawn_fn(release_free_memory);
+            }
+            released_at = left;
         }
     }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Frees the calling thread's empty allocator pages and purges what the process freed.
 fn release_free_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe.
-    let released = unsafe { libc::malloc_trim(0) };
-    tracing::debug!(released = released == 1, "returned free memory to the OS");
+    // SAFETY: `mi_collect` only walks the calling thread's own heap and the allocator's
+    // shared arenas, under the allocator's own synchronisation.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    tracing::debug!("returned free memory to the OS");
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}

@@ -103,7 +103,10 @@ pub async fn run(
     )
     .await?;
     tracing::info!(%addr, workers = workers.count(), "listening on {addr}");
-    let trimming = actix_rt::spawn(memory::trim_after_closes(hub.clone()));
+    let releasing = actix_rt::spawn(memory::release_after_closes(
+        hub.clone(),
+        workers.arbiters(),
+    ));
 
     let mut stopped_by_itself = false;
     tokio::select! {
@@ -118,7 +121,7 @@ pub async fn run(
     workers.stop_accepting().await;
     hub.close_sessions(grace).await;
     workers.finish(grace).await;
-    trimming.abort();
+    releasing.abort();
     hub.close_store()
         .await
         .map_err(|e| RunError::Io(std::io::Error::other(e)))?;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use actix_rt::Arbiter;
 use actix_rt::net::TcpStream;
+use actix_rt::{Arbiter, ArbiterHandle};
 use actix_service::{Service, ServiceFactory};
 use futures_util::future::join_all;
 use tokio::net::TcpListener;
@@ -105,6 +105,11 @@ impl Workers {
 
     pub fn count(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Each worker's thread, to run something there.
+    pub fn arbiters(&self) -> Vec<ArbiterHandle> {
+        self.workers.iter().map(|w| w.arbiter.handle()).collect()
     }
 
     /// Resolves if a worker stops before it was told to (its task panicked).

@@ -254,6 +254,11 @@ impl Hub {
             .map_err(|_| HubError::ShuttingDown)
     }
 
+    /// Sessions that left this node since it started, however they ended.
+    pub fn sessions_left(&self) -> u64 {
+        self.0.members.left()
+    }
+
     /// Starts a session actor for an upgraded socket. Call on the worker that owns the socket.
     pub fn open_session(&self, user: UserId, since: Option<Seq>, upgraded: Upgraded) -> SessionId {
         let id = self.0.session_ids.next();

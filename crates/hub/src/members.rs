@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
@@ -49,6 +49,8 @@ pub struct Members {
     hasher: std::collections::hash_map::RandomState,
     sessions: AtomicUsize,
     users: AtomicUsize,
+    /// Sessions that ever left, however they ended: what whoever frees their memory watches.
+    left: AtomicU64,
     /// Serialises gauge updates so the last one written reads the latest counts.
     gauges: Mutex<()>,
     metrics: Arc<Metrics>,
@@ -61,6 +63,7 @@ impl Members {
             hasher: Default::default(),
             sessions: AtomicUsize::new(0),
             users: AtomicUsize::new(0),
+            left: AtomicU64::new(0),
             gauges: Mutex::new(()),
             metrics,
         }
@@ -118,7 +121,7 @@ impl Members {
 
     /// Counts `removed` sessions gone from `user`'s entries, and the user if none are left.
     fn forget_if_empty(&self, shard: &mut Shard, user: &UserId, removed: usize) {
-        self.sessions.fetch_sub(removed, Ordering::SeqCst);
+        self.count_left(removed);
         if shard.get(user).is_some_and(Vec::is_empty) {
             shard.remove(user);
             self.users.fetch_sub(1, Ordering::SeqCst);
@@ -177,7 +180,7 @@ impl Members {
         }
         wakes.send();
         if dropped_total > 0 {
-            self.sessions.fetch_sub(dropped_total, Ordering::SeqCst);
+            self.count_left(dropped_total);
             self.publish_presence();
         }
         self.metrics.delivered(total);
@@ -200,6 +203,16 @@ impl Members {
             }
         }
         self.sessions.load(Ordering::SeqCst)
+    }
+
+    fn count_left(&self, sessions: usize) {
+        self.sessions.fetch_sub(sessions, Ordering::SeqCst);
+        self.left.fetch_add(sessions as u64, Ordering::Relaxed);
+    }
+
+    /// Sessions that left this node since it started.
+    pub fn left(&self) -> u64 {
+        self.left.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> RegistryStats {

@@ -442,6 +442,9 @@ mod tests {
                 sessions: 0
             }
         );
+        assert_eq!(hub.members.left(), 9);
+        hub.leave("alice", peers[0].1.id).await;
+        assert_eq!(hub.members.left(), 9, "a session leaves once");
         for user in ["alice", "bob", "carol"] {
             assert_eq!(hub.presence(user).await, 0);
             assert_eq!(hub.deliver(user, 1).await, 0);
