@@ -23,16 +23,16 @@ const CLOSED_BEFORE_RELEASE: u64 = 500;
 /// a node's RSS follows its connection count. mimalloc would otherwise keep a quiet
 /// thread's emptied pages until that thread allocates again.
 pub async fn release_after_closes(hub: Hub, workers: Vec<ArbiterHandle>) {
-    let mut released_at = hub.sessions_left();
+    let mut released_at = hub.sessions_closed();
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     loop {
         ticks.tick().await;
-        let left = hub.sessions_left();
-        if left - released_at >= CLOSED_BEFORE_RELEASE {
+        let closed = hub.sessions_closed();
+        if closed - released_at >= CLOSED_BEFORE_RELEASE {
             for worker in &workers {
                 worker.spawn_fn(release_free_memory);
             }
-            released_at = left;
+            released_at = closed;
         }
     }
 }

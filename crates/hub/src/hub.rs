@@ -254,9 +254,9 @@ impl Hub {
             .map_err(|_| HubError::ShuttingDown)
     }
 
-    /// Sessions that left this node since it started, however they ended.
-    pub fn sessions_left(&self) -> u64 {
-        self.0.members.left()
+    /// Sessions that closed on this node since it started, however they ended.
+    pub fn sessions_closed(&self) -> u64 {
+        self.0.members.closed()
     }
 
     /// Starts a session actor for an upgraded socket. Call on the worker that owns the socket.

@@ -49,8 +49,8 @@ pub struct Members {
     hasher: std::collections::hash_map::RandomState,
     sessions: AtomicUsize,
     users: AtomicUsize,
-    /// Sessions that ever left, however they ended: what whoever frees their memory watches.
-    left: AtomicU64,
+    /// Sessions that ever closed, however they ended: what whoever frees their memory watches.
+    closed: AtomicU64,
     /// Serialises gauge updates so the last one written reads the latest counts.
     gauges: Mutex<()>,
     metrics: Arc<Metrics>,
@@ -63,7 +63,7 @@ impl Members {
             hasher: Default::default(),
             sessions: AtomicUsize::new(0),
             users: AtomicUsize::new(0),
-            left: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
             gauges: Mutex::new(()),
             metrics,
         }
@@ -121,7 +121,7 @@ impl Members {
 
     /// Counts `removed` sessions gone from `user`'s entries, and the user if none are left.
     fn forget_if_empty(&self, shard: &mut Shard, user: &UserId, removed: usize) {
-        self.count_left(removed);
+        self.count_closed(removed);
         if shard.get(user).is_some_and(Vec::is_empty) {
             shard.remove(user);
             self.users.fetch_sub(1, Ordering::SeqCst);
@@ -180,7 +180,7 @@ impl Members {
         }
         wakes.send();
         if dropped_total > 0 {
-            self.count_left(dropped_total);
+            self.count_closed(dropped_total);
             self.publish_presence();
         }
         self.metrics.delivered(total);
@@ -205,14 +205,14 @@ impl Members {
         self.sessions.load(Ordering::SeqCst)
     }
 
-    fn count_left(&self, sessions: usize) {
+    fn count_closed(&self, sessions: usize) {
         self.sessions.fetch_sub(sessions, Ordering::SeqCst);
-        self.left.fetch_add(sessions as u64, Ordering::Relaxed);
+        self.closed.fetch_add(sessions as u64, Ordering::Relaxed);
     }
 
-    /// Sessions that left this node since it started.
-    pub fn left(&self) -> u64 {
-        self.left.load(Ordering::Relaxed)
+    /// Sessions that closed on this node since it started.
+    pub fn closed(&self) -> u64 {
+        self.closed.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> RegistryStats {

@@ -442,9 +442,9 @@ mod tests {
                 sessions: 0
             }
         );
-        assert_eq!(hub.members.left(), 9);
+        assert_eq!(hub.members.closed(), 9);
         hub.leave("alice", peers[0].1.id).await;
-        assert_eq!(hub.members.left(), 9, "a session leaves once");
+        assert_eq!(hub.members.closed(), 9, "a session closes once");
         for user in ["alice", "bob", "carol"] {
             assert_eq!(hub.presence(user).await, 0);
             assert_eq!(hub.deliver(user, 1).await, 0);
