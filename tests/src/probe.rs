@@ -24,16 +24,13 @@ where
 /// This process's resident set size in bytes (`VmRSS` of /proc/self/status).
 /// The in-process server lives here too, so this is the server's memory plus the test's.
 pub fn rss_bytes() -> u64 {
-    rss_in("/proc/self/status")
+    rss_bytes_of(std::process::id())
 }
 
 /// Another process's resident set size in bytes, e.g. a `HeraldProcess`'s.
 pub fn rss_bytes_of(pid: u32) -> u64 {
-    rss_in(&format!("/proc/{pid}/status"))
-}
-
-fn rss_in(status_file: &str) -> u64 {
-    let status = std::fs::read_to_string(status_file).expect("a process status file");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("a process status file");
     let kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
