@@ -12,7 +12,7 @@ use actix_web::{App, web};
 use herald_hub::Hub;
 use herald_hub::broker::{Broker, BrokerError, RedisBroker};
 use herald_hub::cluster::generate_node_id;
-use herald_hub::store::{RedisStore, SqliteStore, StoreError};
+use herald_hub::store::{MemoryStore, RedisStore, SqliteStore, StoreError};
 
 use crate::auth::Auth;
 use crate::listener::Listener;
@@ -132,7 +132,7 @@ pub async fn run(
     Ok(())
 }
 
-/// The hub on the configured engine: the embedded store alone, or Redis shared with other nodes.
+/// The hub on the configured engine: the embedded store, memory alone, or Redis shared with other nodes.
 fn start_hub(settings: &Settings) -> Result<Hub, RunError> {
     match settings.engine.kind {
         EngineKind::Embedded => {
@@ -141,6 +141,11 @@ fn start_hub(settings: &Settings) -> Result<Hub, RunError> {
                 settings.retention(),
                 settings.store.fsync,
             )?;
+            Ok(Hub::start(settings.hub_config(), Arc::new(store)))
+        }
+        EngineKind::Memory => {
+            tracing::warn!("engine: memory; history is lost when Herald stops");
+            let store = MemoryStore::new(settings.retention());
             Ok(Hub::start(settings.hub_config(), Arc::new(store)))
         }
         EngineKind::Redis => {

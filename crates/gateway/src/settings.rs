@@ -143,6 +143,8 @@ impl Default for LimitSettings {
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Embedded,
+    /// One node, history in memory only: it survives reconnects, not restarts.
+    Memory,
     Redis,
 }
 

@@ -1,12 +1,14 @@
-//! Durable per-user history behind one trait: seq assignment, replay, idempotency, retention.
+//! Per-user history behind one trait: seq assignment, replay, idempotency, retention.
 
 #[cfg(test)]
 pub(crate) mod conformance;
 mod journal;
+mod memory;
 mod pending;
 mod redis;
 mod sqlite;
 
+pub use memory::MemoryStore;
 pub use redis::RedisStore;
 pub use sqlite::SqliteStore;
 
