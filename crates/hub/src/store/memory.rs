@@ -22,7 +22,6 @@ use dashmap::DashMap;
 use super::{Appended, Draft, Head, Notification, Receipt, Store, StoreError, Stored};
 use crate::config::Retention;
 use crate::ids::{Seq, UserId};
-use crate::protocol;
 
 /// Per-user history kept in memory. Cheap to share; the sweeper thread holds it weakly.
 pub struct MemoryStore {
@@ -146,13 +145,7 @@ impl Store for MemoryStore {
             return Ok(Appended::Duplicate(keyed.receipt.clone()));
         }
         let seq = log.last_seq + 1;
-        let frame = protocol::notification_frame(
-            &draft.id,
-            seq,
-            draft.event.as_deref(),
-            &draft.data,
-            &draft.ts,
-        );
+        let frame = draft.frame(seq);
         log.last_seq = seq;
         log.rows.push_back(Row {
             seq,

@@ -31,6 +31,19 @@ pub struct Draft {
     pub idempotency_key: Option<String>,
 }
 
+impl Draft {
+    /// The notification's frame once the store has given it `seq`.
+    pub fn frame(&self, seq: Seq) -> ByteString {
+        crate::protocol::notification_frame(
+            &self.id,
+            seq,
+            self.event.as_deref(),
+            &self.data,
+            &self.ts,
+        )
+    }
+}
+
 /// A stored notification, its frame encoded once for every session and for history.
 #[derive(Debug, Clone)]
 pub struct Notification {

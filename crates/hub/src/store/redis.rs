@@ -16,7 +16,6 @@ use super::{Appended, Draft, Head, Notification, Receipt, Store, StoreError, Sto
 use crate::cluster::{Keys, RedisCallError, RedisConfig, bounded, command_connection};
 use crate::config::Retention;
 use crate::ids::{Seq, UserId};
-use crate::protocol;
 
 /// KEYS: seq, log, idempotency (the seq key again when there is none).
 /// ARGV: has_key, id, frame head, frame tail, ts_ms, per_user, max_age_ms, channel.
@@ -126,8 +125,7 @@ fn malformed(what: &str) -> StoreError {
 
 /// The frame around its seq, so the script can put the seq it assigns in between.
 fn frame_around_seq(draft: &Draft) -> Result<(String, String), StoreError> {
-    let whole =
-        protocol::notification_frame(&draft.id, 0, draft.event.as_deref(), &draft.data, &draft.ts);
+    let whole = draft.frame(0);
     // `seq` follows `type` and `id`, whose JSON strings cannot contain an unescaped quote.
     const MARK: &str = r#","seq":0,"#;
     let at = whole.find(MARK).ok_or_else(|| malformed("frame"))?;
@@ -289,7 +287,7 @@ mod tests {
     fn the_frame_splits_around_its_seq() {
         let d = conformance::draft(7, None);
         let (head, tail) = frame_around_seq(&d).unwrap();
-        let whole = protocol::notification_frame(&d.id, 42, d.event.as_deref(), &d.data, &d.ts);
+        let whole = d.frame(42);
         assert_eq!(format!("{head}42{tail}"), whole.to_string());
     }
 

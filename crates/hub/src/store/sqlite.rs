@@ -26,7 +26,6 @@ use super::pending::{Pending, Visible};
 use super::{Appended, Draft, Head, Notification, Receipt, Store, StoreError, Stored};
 use crate::config::Retention;
 use crate::ids::{Seq, UserId};
-use crate::protocol;
 
 /// The schema this build reads and writes, kept in `PRAGMA user_version`.
 /// Version 2: `users.last_seq` is written when retention deletes a user's newest rows,
@@ -669,13 +668,7 @@ impl Writer {
             }),
         };
         let seq = head.last_seq + 1;
-        let frame = protocol::notification_frame(
-            &draft.id,
-            seq,
-            draft.event.as_deref(),
-            &draft.data,
-            &draft.ts,
-        );
+        let frame = draft.frame(seq);
         head.last_seq = seq;
         let oldest = *head.oldest.get_or_insert(Oldest {
             seq,
