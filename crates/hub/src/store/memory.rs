@@ -57,17 +57,24 @@ struct Keyed {
 }
 
 impl Log {
-    /// Drops what retention no longer keeps: rows over the count, rows and keys too old.
-    fn expire(&mut self, retention: Retention, cutoff_ms: i64) {
+    /// Drops the rows retention no longer keeps, over the count or too old: the oldest
+    /// first, so an append pays for at most what it pushed out.
+    fn trim(&mut self, retention: Retention, cutoff_ms: i64) {
         let over = self.rows.len().saturating_sub(retention.per_user as usize);
         self.rows.drain(..over);
         while self.rows.front().is_some_and(|row| row.ts_ms < cutoff_ms) {
             self.rows.pop_front();
         }
-        self.keys.retain(|_, keyed| keyed.ts_ms >= cutoff_ms);
         if self.rows.capacity() > 2 * self.rows.len().max(8) {
             self.rows.shrink_to_fit();
         }
+    }
+
+    /// Also forgets idempotency keys too old to answer. It walks every key, so only the
+    /// sweeper does it; a publish checks the one key it looks up.
+    fn sweep(&mut self, retention: Retention, cutoff_ms: i64) {
+        self.trim(retention, cutoff_ms);
+        self.keys.retain(|_, keyed| keyed.ts_ms >= cutoff_ms);
     }
 
     fn head(&self) -> Head {
@@ -79,8 +86,8 @@ impl Log {
 }
 
 impl MemoryStore {
-    /// An empty store; a background thread sweeps expired rows and keys of users who
-    /// stopped receiving (an append or a read expires its own user's on the spot).
+    /// An empty store; a background thread sweeps expired rows and idempotency keys (an
+    /// append or a read trims its own user's rows on the spot, and ignores expired keys).
     pub fn new(retention: Retention) -> Self {
         let inner = Arc::new(Inner {
             retention,
@@ -94,7 +101,8 @@ impl MemoryStore {
             .name("herald-sweep".into())
             .spawn(move || sweep_until_gone(weak, every));
         if let Err(e) = spawned {
-            // Memory then holds expired rows until their user is touched again.
+            // Memory then holds expired rows until their user is touched again, and
+            // expired keys until the same key is published again.
             tracing::warn!(error = %e, "memory store: sweeper not started");
         }
         Self { inner }
@@ -127,7 +135,7 @@ fn sweep_until_gone(store: Weak<Inner>, every: Duration) {
         }
         let cutoff = now_ms() - inner.retention.max_age.as_millis() as i64;
         for mut log in inner.logs.iter_mut() {
-            log.expire(inner.retention, cutoff);
+            log.sweep(inner.retention, cutoff);
         }
     }
 }
@@ -138,9 +146,8 @@ impl Store for MemoryStore {
         self.open()?;
         let cutoff = self.cutoff_ms();
         let mut log = self.inner.logs.entry(user.clone()).or_default();
-        log.expire(self.inner.retention, cutoff);
         if let Some(key) = &draft.idempotency_key
-            && let Some(keyed) = log.keys.get(key)
+            && let Some(keyed) = log.keys.get(key).filter(|keyed| keyed.ts_ms >= cutoff)
         {
             return Ok(Appended::Duplicate(keyed.receipt.clone()));
         }
@@ -152,7 +159,7 @@ impl Store for MemoryStore {
             ts_ms: draft.ts_ms,
             frame: frame.clone(),
         });
-        log.expire(self.inner.retention, cutoff);
+        log.trim(self.inner.retention, cutoff);
         if let Some(key) = draft.idempotency_key {
             let receipt = Receipt {
                 id: draft.id.clone(),
@@ -185,7 +192,7 @@ impl Store for MemoryStore {
         let Some(mut log) = self.inner.logs.get_mut(user) else {
             return Ok(Vec::new());
         };
-        log.expire(self.inner.retention, cutoff);
+        log.trim(self.inner.retention, cutoff);
         // Seqs are consecutive: the first row after `after` is found by subtraction.
         let skip = log
             .rows
@@ -207,7 +214,7 @@ impl Store for MemoryStore {
         let cutoff = self.cutoff_ms();
         Ok(match self.inner.logs.get_mut(user) {
             Some(mut log) => {
-                log.expire(self.inner.retention, cutoff);
+                log.trim(self.inner.retention, cutoff);
                 log.head()
             }
             None => Head {
