@@ -20,6 +20,13 @@ pub struct Retention {
     pub max_age: Duration,
 }
 
+impl Retention {
+    /// The oldest `ts_ms` (milliseconds since the Unix epoch) retention keeps right now.
+    pub fn cutoff_ms(&self) -> i64 {
+        crate::store::now_ms() - self.max_age.as_millis() as i64
+    }
+}
+
 /// Everything the hub needs to run sessions.
 #[derive(Debug, Clone, Copy)]
 pub struct HubConfig {

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytestring::ByteString;
@@ -108,10 +108,6 @@ impl MemoryStore {
         Self { inner }
     }
 
-    fn cutoff_ms(&self) -> i64 {
-        now_ms() - self.inner.retention.max_age.as_millis() as i64
-    }
-
     fn open(&self) -> Result<(), StoreError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
@@ -133,7 +129,7 @@ fn sweep_until_gone(store: Weak<Inner>, every: Duration) {
         if inner.closed.load(Ordering::Acquire) {
             return;
         }
-        let cutoff = now_ms() - inner.retention.max_age.as_millis() as i64;
+        let cutoff = inner.retention.cutoff_ms();
         for mut log in inner.logs.iter_mut() {
             log.sweep(inner.retention, cutoff);
         }
@@ -144,7 +140,7 @@ fn sweep_until_gone(store: Weak<Inner>, every: Duration) {
 impl Store for MemoryStore {
     async fn append(&self, user: &UserId, draft: Draft) -> Result<Appended, StoreError> {
         self.open()?;
-        let cutoff = self.cutoff_ms();
+        let cutoff = self.inner.retention.cutoff_ms();
         let mut log = self.inner.logs.entry(user.clone()).or_default();
         if let Some(key) = &draft.idempotency_key
             && let Some(keyed) = log.keys.get(key).filter(|keyed| keyed.ts_ms >= cutoff)
@@ -188,7 +184,7 @@ impl Store for MemoryStore {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Stored>, StoreError> {
-        let cutoff = self.cutoff_ms();
+        let cutoff = self.inner.retention.cutoff_ms();
         let Some(mut log) = self.inner.logs.get_mut(user) else {
             return Ok(Vec::new());
         };
@@ -211,7 +207,7 @@ impl Store for MemoryStore {
     }
 
     async fn head(&self, user: &UserId) -> Result<Head, StoreError> {
-        let cutoff = self.cutoff_ms();
+        let cutoff = self.inner.retention.cutoff_ms();
         Ok(match self.inner.logs.get_mut(user) {
             Some(mut log) => {
                 log.trim(self.inner.retention, cutoff);
@@ -242,12 +238,6 @@ impl Store for MemoryStore {
         self.inner.closed.store(true, Ordering::Release);
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

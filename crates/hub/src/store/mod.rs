@@ -18,6 +18,13 @@ use serde_json::value::RawValue;
 
 use crate::ids::{Seq, UserId};
 
+/// Milliseconds since the Unix epoch: the clock of `ts_ms` and of retention by age.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A notification before the store has given it a seq.
 #[derive(Debug, Clone)]
 pub struct Draft {

@@ -107,7 +107,7 @@ impl RedisStore {
     }
 
     fn cutoff_ms(&self) -> i64 {
-        now_ms() - self.max_age_ms()
+        self.retention.cutoff_ms()
     }
 
     fn max_age_ms(&self) -> i64 {
@@ -271,10 +271,6 @@ impl Store for RedisStore {
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
 }
 
 #[cfg(test)]

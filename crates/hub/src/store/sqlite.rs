@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytestring::ByteString;
@@ -365,7 +365,7 @@ impl SqliteStore {
     }
 
     fn cutoff_ms(&self) -> i64 {
-        now_ms() - self.retention.max_age.as_millis() as i64
+        self.retention.cutoff_ms()
     }
 
     /// What retention shows of `user`'s rows now.
@@ -565,7 +565,7 @@ impl Writer {
 
     /// Journals one batch; answers every append only once its record is durable.
     fn commit(&mut self, batch: Vec<Command>) -> Option<oneshot::Sender<()>> {
-        let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
+        let cutoff = self.retention.cutoff_ms();
         let mut staged = Staged::default();
         let mut replies = Vec::with_capacity(batch.len());
         let mut later = Vec::new();
@@ -1019,7 +1019,7 @@ impl Indexer {
             // Retention decisions read committed rows; a failing index waits for its retry.
             return;
         }
-        let cutoff = now_ms() - self.retention.max_age.as_millis() as i64;
+        let cutoff = self.retention.cutoff_ms();
         let result: rusqlite::Result<(usize, usize)> = (|| {
             let tx = self.conn.unchecked_transaction()?;
             // A user's last seq outlives their rows: it is never handed out again.
@@ -1124,13 +1124,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Read connections, reused; reads run on tokio's blocking pool.
 struct ReaderPool {
     file: PathBuf,
@@ -1192,6 +1185,7 @@ mod tests {
     use super::*;
     use crate::store::conformance;
     use crate::store::journal::{Journal, Record};
+    use crate::store::now_ms;
 
     fn open(dir: &Path, retention: Retention) -> SqliteStore {
         SqliteStore::open(dir, retention, true).expect("store opens")
