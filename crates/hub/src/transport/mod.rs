@@ -138,6 +138,10 @@ mod tests {
 
     /// A transport whose 101 (`handshake`) is still to be sent, and its peer.
     async fn pair_after(handshake: Bytes) -> (Transport, TcpStream) {
+        pair_with(handshake, MAX).await
+    }
+
+    async fn pair_with(handshake: Bytes, max_message: usize) -> (Transport, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -148,7 +152,7 @@ mod tests {
             read_ahead: BytesMut::new(),
             handshake,
         };
-        (upgraded.into_transport(MAX), peer)
+        (upgraded.into_transport(max_message), peer)
     }
 
     async fn next(inbound: &mut Inbound) -> Option<Result<InboundFrame, InboundError>> {
@@ -186,6 +190,27 @@ mod tests {
         assert_eq!(
             next(inbound).await.unwrap().unwrap(),
             InboundFrame::Close(Some(1000))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_longer_than_one_read_arrives_whole_and_the_next_after_a_pause() {
+        // Reads fill their buffer (no drained socket assumed) and stop at a short one
+        // (readiness cleared): the frame after a pause must still wake the stream.
+        let (mut transport, mut peer) = pair_with(Bytes::new(), 64 * 1024).await;
+        let long = vec![b'l'; 40 * 1024];
+        peer.write_all(&client_frame(true, 0x1, &long))
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut transport.inbound).await.unwrap().unwrap(),
+            InboundFrame::Text(Bytes::from(long))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peer.write_all(&client_frame(true, 0xA, b"")).await.unwrap();
+        assert_eq!(
+            next(&mut transport.inbound).await.unwrap().unwrap(),
+            InboundFrame::Pong
         );
     }
 
