@@ -129,7 +129,7 @@ impl Inbound {
 /// socket's readiness is cleared then as well as on `WouldBlock`.
 ///
 /// Why: `try_read` clears readiness only on `WouldBlock`, so every frame cost a second
-/// `recvfrom` that found nothing (19,000 of the 57,000 system calls an idle hold of 19,000
+/// `recvfrom` that found nothing (19,000 of the ~59,000 system calls an idle hold of 19,000
 /// sessions made per heartbeat interval, BENCHMARKS.md). Epoll is edge-triggered: a short
 /// read proves the buffer drained, and tokio's own `poll_read` clears readiness on it the
 /// same way. The clear is safe against a race: tokio keeps readiness set if an event
