@@ -91,9 +91,9 @@ pub async fn run(
     };
     let sockets = listener.for_workers(workers)?;
     for socket in &sockets {
-        // Both are refinements: the heartbeat evicts a vanished peer without them too.
+        // Refinements: the heartbeat evicts a vanished peer without them too.
         if let Err(e) = socket::tune(socket, stalled_peer_limit) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY or TCP_USER_TIMEOUT; connections go without");
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY, TCP_USER_TIMEOUT or TCP_DEFER_ACCEPT; connections go without");
         }
     }
     let mut workers = Workers::start(
