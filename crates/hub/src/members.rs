@@ -91,7 +91,8 @@ impl Members {
     pub fn join(&self, user: UserId, entry: SessionEntry) {
         {
             let mut shard = self.shard(&user);
-            let entries = shard.entry(user).or_default();
+            // Room for one: most users hold one session, and `push` would reserve four.
+            let entries = shard.entry(user).or_insert_with(|| Vec::with_capacity(1));
             if entries.is_empty() {
                 self.users.fetch_add(1, Ordering::SeqCst);
             }
@@ -111,7 +112,8 @@ impl Members {
             let before = entries.len();
             entries.retain(|e| e.id != session);
             let removed = before - entries.len();
-            self.forget_if_empty(&mut shard, user, removed);
+            let emptied = entries.is_empty();
+            self.forget(&mut shard, user, removed, emptied);
             removed
         };
         if removed > 0 {
@@ -119,10 +121,11 @@ impl Members {
         }
     }
 
-    /// Counts `removed` sessions gone from `user`'s entries, and the user if none are left.
-    fn forget_if_empty(&self, shard: &mut Shard, user: &UserId, removed: usize) {
+    /// Counts `removed` sessions gone from `user`'s entries, and the user too once
+    /// `emptied` (their list is empty; the caller looked, so the map is not asked again).
+    fn forget(&self, shard: &mut Shard, user: &UserId, removed: usize, emptied: bool) {
         self.count_closed(removed);
-        if shard.get(user).is_some_and(Vec::is_empty) {
+        if emptied {
             shard.remove(user);
             self.users.fetch_sub(1, Ordering::SeqCst);
         }
@@ -144,7 +147,8 @@ impl Members {
                 fan_out(entries, item, user, &mut Backlog::default(), &mut wakes);
             wakes.send();
             if dropped > 0 {
-                self.forget_if_empty(&mut shard, user, dropped);
+                let emptied = entries.is_empty();
+                self.forget(&mut shard, user, dropped, emptied);
             }
             (handed, dropped)
         };
