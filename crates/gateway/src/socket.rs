@@ -113,6 +113,10 @@ mod tests {
                 Err(e) => panic!("accept: {e}"),
             }
         };
-        assert_eq!(peer.port(), speaking_port, "the silent one came first");
+        assert_eq!(
+            peer.port(),
+            speaking_port,
+            "the silent connection was accepted"
+        );
     }
 }
