@@ -106,10 +106,6 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    fn cutoff_ms(&self) -> i64 {
-        self.retention.cutoff_ms()
-    }
-
     fn max_age_ms(&self) -> i64 {
         self.retention.max_age.as_millis() as i64
     }
@@ -193,7 +189,7 @@ impl Store for RedisStore {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Stored>, StoreError> {
-        let (log, cutoff) = (self.keys.log(user), self.cutoff_ms());
+        let (log, cutoff) = (self.keys.log(user), self.retention.cutoff_ms());
         let mut out = Vec::new();
         let mut cursor = after;
         // Expired entries sit at the front until the next append trims them; skip past them.
@@ -238,7 +234,7 @@ impl Store for RedisStore {
         invocation
             .key(self.keys.seq(user))
             .key(self.keys.log(user))
-            .arg(self.cutoff_ms());
+            .arg(self.retention.cutoff_ms());
         let mut conn = self.conn.clone();
         let (first_seq, last_seq): (Seq, Seq) =
             bounded(self.timeout, invocation.invoke_async(&mut conn))

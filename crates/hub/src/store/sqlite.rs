@@ -364,16 +364,12 @@ impl SqliteStore {
             .map_err(|_| StoreError::Closed)
     }
 
-    fn cutoff_ms(&self) -> i64 {
-        self.retention.cutoff_ms()
-    }
-
     /// What retention shows of `user`'s rows now.
     fn visible(&self, user: &UserId) -> Visible {
         let last = self.heads.get(user).map_or(0, |h| h.last_seq);
         Visible {
             above_seq: last.saturating_sub(self.retention.per_user),
-            since_ms: self.cutoff_ms(),
+            since_ms: self.retention.cutoff_ms(),
         }
     }
 }
@@ -436,7 +432,7 @@ impl Store for SqliteStore {
     }
 
     async fn head(&self, user: &UserId) -> Result<Head, StoreError> {
-        if let Some(head) = self.heads.head(user, self.cutoff_ms()) {
+        if let Some(head) = self.heads.head(user, self.retention.cutoff_ms()) {
             return Ok(head);
         }
         let Some(seen) = self.heads.get(user) else {
