@@ -316,3 +316,116 @@ async fn a_peer_that_pings_but_never_reads_is_dropped_and_costs_bounded_memory()
     drop(unread);
     herald.shutdown().await.unwrap();
 }
+
+/// Frames a peer that reads everything but never answers counted by opcode: (Pings, texts).
+struct Reader {
+    pings: Arc<AtomicU64>,
+    texts: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Reader {
+    /// Reads `read` to its end, answering nothing: no Pong, no close reply.
+    fn start(mut read: tokio::net::tcp::OwnedReadHalf) -> Self {
+        use tokio::io::AsyncReadExt;
+        let pings = Arc::new(AtomicU64::new(0));
+        let texts = Arc::new(AtomicU64::new(0));
+        let (p, t) = (Arc::clone(&pings), Arc::clone(&texts));
+        let task = tokio::spawn(async move {
+            loop {
+                let mut head = [0u8; 2];
+                if read.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = match head[1] & 0x7f {
+                    126 => read.read_u16().await.map(usize::from),
+                    127 => read.read_u64().await.map(|n| n as usize),
+                    n => Ok(usize::from(n)),
+                };
+                let mut payload = vec![0u8; len.unwrap_or(0)];
+                if read.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                match head[0] & 0x0f {
+                    0x1 => t.fetch_add(1, Ordering::Relaxed),
+                    0x9 => p.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+            }
+        });
+        Self { pings, texts, task }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.pings.load(Ordering::Relaxed),
+            self.texts.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_tcp_takes_its_notifications_needs_no_pong_until_they_stop() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let herald = start().await;
+    let (heartbeat_before, _) = evictions(&herald).await;
+
+    // It reads every frame and never answers a Ping: the frames it is sent, which its
+    // TCP acknowledges, are the only sign of it.
+    let url = format!("/ws/reader?token={}", token("reader"));
+    let peer = RawWebSocket::connect(herald.addr, &url)
+        .await
+        .expect("upgrade");
+    let (read, write) = peer.stream.into_split();
+    let reader = Reader::start(read);
+    eventually(SOON, "reader joined", || async {
+        herald.presence("reader").await == 1
+    })
+    .await;
+
+    // Three timeouts of traffic: without a Pong it would have been evicted twice over.
+    let publisher = herald.publisher();
+    let traffic = Duration::from_millis(3 * TIMEOUT_MS);
+    let began = tokio::time::Instant::now();
+    let mut sent = 0;
+    while began.elapsed() < traffic {
+        publisher.publish_ok("reader", json!({"n": sent})).await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        herald.presence("reader").await,
+        1,
+        "evicted while its TCP acknowledged every notification"
+    );
+    eventually(SOON, "every notification read", || async {
+        reader.counts().1 == sent + 1
+    })
+    .await;
+    let (pings_during_traffic, _) = reader.counts();
+
+    // Traffic stops: the heartbeat pings again, no Pong comes, and it is evicted.
+    let quiet = tokio::time::Instant::now();
+    eventually(
+        eviction_limit(),
+        "reader evicted once the traffic stopped",
+        || async { herald.presence("reader").await == 0 },
+    )
+    .await;
+    let took = quiet.elapsed();
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_MS / 2),
+        "evicted {took:?} after the traffic stopped, long before the {TIMEOUT_MS} ms timeout"
+    );
+    let (pings, _) = reader.counts();
+    assert!(
+        pings > pings_during_traffic,
+        "no Ping once the traffic stopped ({pings} in all)"
+    );
+    let (heartbeat_after, _) = evictions(&herald).await;
+    assert_eq!(heartbeat_after - heartbeat_before, 1.0, "reason heartbeat");
+
+    reader.task.abort();
+    drop(write);
+    herald.shutdown().await.unwrap();
+}

@@ -5,9 +5,11 @@ use std::time::Duration;
 /// How sessions prove they are alive.
 #[derive(Debug, Clone, Copy)]
 pub struct Heartbeat {
-    /// The server sends a WebSocket Ping this often.
+    /// Each session is checked this often, and pinged unless its peer's TCP acknowledged
+    /// frames sent to it since the last check.
     pub interval: Duration,
-    /// A session with no inbound frame for this long is evicted.
+    /// A session with no sign of its peer (an inbound frame, acknowledged frames) for
+    /// this long is evicted.
     pub timeout: Duration,
 }
 

@@ -27,8 +27,11 @@ pub struct Session {
     outbound: QueueSender,
     /// Taken by the writer once the session is in the table and the broker confirmed its join.
     queue: Option<(QueueReceiver, FrameSink)>,
-    /// When the peer last sent anything at all: the heartbeat's only input.
+    /// When the peer last showed it is there: a frame from it, or its TCP acknowledging
+    /// the frames sent to it (see `heartbeat`).
     last_seen: Instant,
+    /// The socket's count of text frames sent at the last heartbeat tick.
+    texts_seen: u32,
     writer: Option<SpawnHandle>,
     /// Taken by `close`, which sends the close frame and then closes the socket.
     socket: Option<Socket>,
@@ -56,6 +59,7 @@ impl Session {
                 outbound,
                 queue: Some((queue, transport.sink)),
                 last_seen: Instant::now(),
+                texts_seen: GREETING_TEXTS,
                 writer: None,
                 socket: Some(transport.socket),
             }
@@ -69,7 +73,31 @@ impl Session {
         }
     }
 
+    /// One heartbeat tick. A session that was sent frames since its last tick, and whose
+    /// peer's TCP acknowledged something within the interval, is alive without a Ping: its
+    /// host is up and its socket open, which is what a Pong would prove. So a busy session
+    /// costs the heartbeat no frame and its peer no Pong, and the busy sessions of a slot
+    /// do not all ping in one instant. A quiet session is pinged; the `hello` is not
+    /// traffic, so a session that got nothing else is pinged within one interval of its
+    /// connect.
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let texts = self
+            .socket
+            .as_ref()
+            .map_or(self.texts_seen, Socket::texts_sent);
+        let sent = std::mem::replace(&mut self.texts_seen, texts) != texts;
+        let interval = self.hub.config().heartbeat.interval;
+        let acknowledged_at = || {
+            let age = self.socket.as_ref().and_then(Socket::last_ack_age)?;
+            (age < interval).then(|| Instant::now().checked_sub(age))?
+        };
+        match sent.then(acknowledged_at).flatten() {
+            Some(at) => self.last_seen = self.last_seen.max(at),
+            None => self.ping_or_evict(ctx),
+        }
+    }
+
+    fn ping_or_evict(&mut self, ctx: &mut Context<Self>) {
         if self.last_seen.elapsed() >= self.hub.config().heartbeat.timeout {
             self.evict(ctx, EvictReason::Heartbeat);
         } else {
@@ -146,6 +174,9 @@ impl Session {
         self.writer = Some(handle);
     }
 }
+
+/// Text frames every session is sent before any traffic: its `hello`.
+const GREETING_TEXTS: u32 = 1;
 
 /// How far the heartbeat grid's slots are apart, at most.
 const HEARTBEAT_SLOT: Duration = Duration::from_secs(1);

@@ -29,7 +29,7 @@ pub enum Outbound {
 /// Why the server closed a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvictReason {
-    /// No inbound frame for `heartbeat.timeout_ms`.
+    /// No sign of the peer (an inbound frame, acknowledged frames) for `heartbeat.timeout_ms`.
     Heartbeat,
     /// The outbound queue overflowed: the peer reads too slowly.
     SlowConsumer,

@@ -16,20 +16,21 @@
 //! The framing rules (masking, lengths, opcodes, control-frame limits) are actix-http's
 //! `ws::Parser`, the same code actix-ws runs.
 
+mod acks;
 mod inbound;
 mod outbound;
 
 pub use inbound::{Inbound, InboundError, InboundFrame};
 pub use outbound::{FLUSH_AT, FrameSink, PeerGone};
 
-use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::net::TcpStream;
 
-use outbound::Wire;
+use outbound::{Line, Wire};
 
 /// A socket the gateway upgraded: the 101 is decided, the rest is the session's.
 #[derive(Debug)]
@@ -50,40 +51,51 @@ pub(crate) struct Transport {
     pub socket: Socket,
 }
 
-/// The socket itself, for closing it after the session's reader and writer are gone.
+/// The socket itself: what the heartbeat asks of it, and its close after the session's
+/// reader and writer are gone.
 #[derive(Clone)]
 pub(crate) struct Socket {
     io: Rc<TcpStream>,
-    /// Where the writer left the wire: only between frames may a close frame follow.
-    wire: Rc<Cell<Wire>>,
+    line: Rc<Line>,
 }
 
 impl Upgraded {
     /// Splits the connection for one session; the reader refuses messages over `max_message`.
     pub(crate) fn into_transport(self, max_message: usize) -> Transport {
         let io = Rc::new(self.stream);
-        let wire = Rc::new(Cell::new(Wire::Clean));
-        let mut sink = FrameSink::new(Rc::clone(&io), Rc::clone(&wire));
+        let line = Rc::new(Line::default());
+        let mut sink = FrameSink::new(Rc::clone(&io), Rc::clone(&line));
         if !self.handshake.is_empty() {
             sink.queue_handshake(self.handshake);
         }
         Transport {
             inbound: Inbound::new(Rc::clone(&io), self.read_ahead, max_message),
             sink,
-            socket: Socket { io, wire },
+            socket: Socket { io, line },
         }
     }
 }
 
 impl Socket {
+    /// Text frames that went out whole so far, wrapping.
+    pub(crate) fn texts_sent(&self) -> u32 {
+        self.line.texts_sent.get()
+    }
+
+    /// How long ago the peer's TCP last acknowledged anything; `None` where the kernel
+    /// does not say.
+    pub(crate) fn last_ack_age(&self) -> Option<Duration> {
+        acks::last_ack_age(&self.io)
+    }
+
     /// Ends the connection: a close frame with `code` if the wire allows one, then waits
     /// (until `deadline`) for the peer's close or its hang-up before closing the socket.
     /// A peer that does not take the close frame in time gets a reset.
     pub(crate) async fn close(self, code: u16, deadline: tokio::time::Instant) {
         // A peer that never got its 101 gets no close frame either: a reset ends its
         // handshake the way any failed connect does.
-        let sent = self.wire.get() == Wire::Clean && {
-            let mut sink = FrameSink::new(Rc::clone(&self.io), Rc::clone(&self.wire));
+        let sent = self.line.wire.get() == Wire::Clean && {
+            let mut sink = FrameSink::new(Rc::clone(&self.io), Rc::clone(&self.line));
             sink.queue_close(code);
             matches!(
                 tokio::time::timeout_at(deadline, sink.flush()).await,
@@ -267,7 +279,7 @@ mod tests {
         }
         transport.sink.queue_ping();
         transport.sink.flush().await.unwrap();
-        assert_eq!(transport.socket.wire.get(), Wire::Clean);
+        assert_eq!(transport.socket.line.wire.get(), Wire::Clean);
         drop(transport);
         let got = reader.await.unwrap();
         let mut at = 0;
@@ -285,14 +297,14 @@ mod tests {
     #[tokio::test]
     async fn the_101_goes_out_first_with_the_first_frame() {
         let (mut transport, mut peer) = pair_after(Bytes::from_static(SWITCHING)).await;
-        assert_eq!(transport.socket.wire.get(), Wire::Handshake);
+        assert_eq!(transport.socket.line.wire.get(), Wire::Handshake);
         transport.sink.queue_ping();
         transport
             .sink
             .send_text(Bytes::from_static(b"hello"))
             .await
             .unwrap();
-        assert_eq!(transport.socket.wire.get(), Wire::Clean);
+        assert_eq!(transport.socket.line.wire.get(), Wire::Clean);
         drop(transport);
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
@@ -300,6 +312,57 @@ mod tests {
         want.extend([0x89, 0x00, 0x81, 0x05]);
         want.extend(b"hello");
         assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn counts_the_text_frames_that_went_out_whole() {
+        let (mut transport, mut peer) = pair_after(Bytes::from_static(SWITCHING)).await;
+        transport.sink.queue_ping();
+        transport.sink.queue_text(Bytes::from_static(b"hello"));
+        transport.sink.queue_pong(Bytes::new());
+        transport.sink.flush().await.unwrap();
+        assert_eq!(
+            transport.socket.texts_sent(),
+            1,
+            "the 101, a Ping, a Pong: no text"
+        );
+        transport
+            .sink
+            .send_text(Bytes::from_static(b"n"))
+            .await
+            .unwrap();
+        assert_eq!(transport.socket.texts_sent(), 2);
+        drop(transport);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sees_when_the_peers_tcp_last_acknowledged() {
+        let (mut transport, _peer) = pair().await;
+        let quiet = Duration::from_millis(600);
+        tokio::time::sleep(quiet).await;
+        let age = transport.socket.last_ack_age().expect("TCP_INFO");
+        assert!(age >= quiet / 2, "an ACK {age:?} ago on a quiet connection");
+        // The peer never reads: its kernel acknowledges the frame all the same.
+        transport
+            .sink
+            .send_text(Bytes::from_static(b"n"))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let age = transport.socket.last_ack_age().expect("TCP_INFO");
+            if age < quiet / 2 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no ACK seen: {age:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

@@ -74,17 +74,31 @@ impl Frame {
     fn len(&self) -> usize {
         usize::from(self.header.len) + self.payload.len()
     }
+
+    fn is_text(&self) -> bool {
+        self.header.len > 0 && self.header.bytes[0] & 0x0F == OP_TEXT
+    }
 }
 
 /// How far the peer got in the connection's bytes, for whoever writes after this sink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Wire {
     /// The 101 is not all sent: no frame may go out without it.
     Handshake,
     /// Between frames: a close frame may follow.
+    #[default]
     Clean,
     /// A frame is sent in part: nothing else may follow it.
     Torn,
+}
+
+/// What the sink leaves for the others that hold the connection: the close and the heartbeat.
+#[derive(Debug, Default)]
+pub(crate) struct Line {
+    /// Where the writer left the wire: only between frames may a close frame follow.
+    pub wire: Cell<Wire>,
+    /// Text frames that went out whole, wrapping: the heartbeat's sign of traffic.
+    pub texts_sent: Cell<u32>,
 }
 
 /// Writes one session's frames, in order. Frames are queued, then `flush` writes them.
@@ -93,16 +107,16 @@ pub struct FrameSink {
     queued: VecDeque<Frame>,
     /// How much of the first queued frame is on the wire already.
     written: usize,
-    wire: Rc<Cell<Wire>>,
+    line: Rc<Line>,
 }
 
 impl FrameSink {
-    pub(crate) fn new(io: Rc<TcpStream>, wire: Rc<Cell<Wire>>) -> Self {
+    pub(crate) fn new(io: Rc<TcpStream>, line: Rc<Line>) -> Self {
         Self {
             io,
             queued: VecDeque::new(),
             written: 0,
-            wire,
+            line,
         }
     }
 
@@ -113,7 +127,7 @@ impl FrameSink {
             header: Header::NONE,
             payload: response,
         });
-        self.wire.set(Wire::Handshake);
+        self.line.wire.set(Wire::Handshake);
     }
 
     pub fn queued(&self) -> usize {
@@ -186,18 +200,23 @@ impl FrameSink {
         }
         n += self.written;
         let mut sent_whole = false;
+        let mut texts = 0u32;
         while let Some(front) = self.queued.front() {
             if n < front.len() {
                 break;
             }
             n -= front.len();
+            texts += u32::from(front.is_text());
             self.queued.pop_front();
             sent_whole = true;
         }
         self.written = n;
+        self.line
+            .texts_sent
+            .set(self.line.texts_sent.get().wrapping_add(texts));
         // The 101 is always first: once anything left the queue whole, it was among it.
-        let handshaking = self.wire.get() == Wire::Handshake && !sent_whole;
-        self.wire.set(if handshaking {
+        let handshaking = self.line.wire.get() == Wire::Handshake && !sent_whole;
+        self.line.wire.set(if handshaking {
             Wire::Handshake
         } else if n > 0 {
             Wire::Torn
