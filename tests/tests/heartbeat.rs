@@ -342,7 +342,10 @@ impl Reader {
                     127 => read.read_u64().await.map(|n| n as usize),
                     n => Ok(usize::from(n)),
                 };
-                let mut payload = vec![0u8; len.unwrap_or(0)];
+                let Ok(len) = len else {
+                    return;
+                };
+                let mut payload = vec![0u8; len];
                 if read.read_exact(&mut payload).await.is_err() {
                     return;
                 }

@@ -316,7 +316,7 @@ mod tests {
 
     #[tokio::test]
     async fn counts_the_text_frames_that_went_out_whole() {
-        let (mut transport, mut peer) = pair_after(Bytes::from_static(SWITCHING)).await;
+        let (mut transport, _peer) = pair_after(Bytes::from_static(SWITCHING)).await;
         transport.sink.queue_ping();
         transport.sink.queue_text(Bytes::from_static(b"hello"));
         transport.sink.queue_pong(Bytes::new());
@@ -332,9 +332,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(transport.socket.texts_sent(), 2);
-        drop(transport);
-        let mut got = Vec::new();
-        peer.read_to_end(&mut got).await.unwrap();
     }
 
     #[cfg(target_os = "linux")]
