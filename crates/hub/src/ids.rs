@@ -53,6 +53,14 @@ impl UserId {
     }
 }
 
+/// Lets maps keyed by user id be looked up with a `&str` (a row read from the store)
+/// without building an id; `Hash` and `Eq` are the `str`'s, as `Borrow` requires.
+impl std::borrow::Borrow<str> for UserId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

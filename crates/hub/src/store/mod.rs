@@ -5,6 +5,7 @@ pub(crate) mod conformance;
 mod journal;
 mod memory;
 mod pending;
+mod positions;
 mod redis;
 mod sqlite;
 

@@ -8,7 +8,7 @@
 //! segments it covers are deleted. A crash loses nothing acknowledged: the next start
 //! replays the journal into SQLite.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::journal::{self, Journal, Record, SegmentNo};
 use super::pending::{Pending, Visible};
+use super::positions::{Positions, RowId};
 use super::{Appended, Draft, Head, Notification, Receipt, Store, StoreError, Stored};
 use crate::config::Retention;
 use crate::ids::{Seq, UserId};
@@ -36,9 +37,15 @@ use crate::ids::{Seq, UserId};
 /// unique index on (user, seq). Keyed by (user, seq) itself, every commit rewrote a leaf
 /// page per user that published (10,000 users: ~10,000 pages, more than the page cache);
 /// now rows append to the end of the table and only the small index entries land
-/// scattered. Versions 1 and 2 are rebuilt in one transaction at open ([`upgrade_to_3`]).
-/// The journal beside the file changes nothing in it.
-const SCHEMA_VERSION: i64 = 3;
+/// scattered.
+/// Version 4: no index on (user, seq). Its entries landed scattered too, a 4 KiB page
+/// per row once it outgrew a commit, so a commit's cost grew with the store; where each
+/// user's rows are is held in memory instead ([`Positions`], rebuilt by a scan at open).
+/// Version 3 is upgraded by dropping the index; versions 1 and 2 are rebuilt in one
+/// transaction at open ([`rebuild_notifications`]). A version 3 build refuses a version
+/// 4 file (it would read it without its index). The journal beside the file changes
+/// nothing in it.
+const SCHEMA_VERSION: i64 = 4;
 /// File name inside `store.path`.
 pub const DB_FILE: &str = "herald.sqlite3";
 /// Appends made durable by one journal write at most; bounds one batch's latency.
@@ -87,7 +94,8 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_by_age ON idempotency (ts_ms);
 ";
 
-/// The notifications table and its indexes; with [`SCHEMA`], the whole version 3 schema.
+/// The notifications table and its index; with [`SCHEMA`], the whole version 4 schema.
+/// Rows are in the order they were indexed; [`Positions`] finds a user's.
 const NOTIFICATIONS: &str = "
 CREATE TABLE notifications (
     user  TEXT NOT NULL,
@@ -95,13 +103,12 @@ CREATE TABLE notifications (
     ts_ms INTEGER NOT NULL,
     frame TEXT NOT NULL
 );
-CREATE UNIQUE INDEX notifications_by_user ON notifications (user, seq);
 CREATE INDEX notifications_by_age ON notifications (ts_ms);
 ";
 
-/// Rebuilds a version 1 or 2 `notifications` table (keyed by (user, seq)) as version 3's
-/// rowid table, oldest rows first; the other tables are already version 3's.
-fn upgrade_to_3() -> String {
+/// Rebuilds a version 1 or 2 `notifications` table (keyed by (user, seq)) as version 4's
+/// rowid table, oldest rows first; the other tables are already version 4's.
+fn rebuild_notifications() -> String {
     format!(
         "ALTER TABLE notifications RENAME TO notifications_v2;
          DROP INDEX notifications_by_age;
@@ -155,6 +162,7 @@ pub struct SqliteStore {
     commands: Mutex<Option<std_mpsc::Sender<Command>>>,
     readers: Arc<ReaderPool>,
     heads: Arc<Heads>,
+    positions: Arc<Positions>,
     pending: Arc<Pending>,
     retention: Retention,
 }
@@ -183,6 +191,31 @@ struct Oldest {
     ts_ms: i64,
 }
 
+impl Cached {
+    const NOTHING: Self = Self {
+        last_seq: 0,
+        oldest: None,
+    };
+
+    /// Takes the append of `seq` (the next one) and answers through which seq the
+    /// per-user count drops the user's rows, if it drops any.
+    fn push(&mut self, seq: Seq, ts_ms: i64, per_user: u64) -> Option<Seq> {
+        self.last_seq = seq;
+        let oldest = *self.oldest.get_or_insert(Oldest { seq, ts_ms });
+        // Keeps the newest `per_user`; the row just written is never among those dropped.
+        let keep_after = seq.saturating_sub(per_user);
+        let trim_through = (oldest.seq <= keep_after).then_some(keep_after);
+        if trim_through.is_some() {
+            // The dropped row's age stands in for the new oldest's (never younger).
+            self.oldest = Some(Oldest {
+                seq: keep_after + 1,
+                ts_ms: oldest.ts_ms,
+            });
+        }
+        trim_through
+    }
+}
+
 impl Heads {
     fn get(&self, user: &UserId) -> Option<Cached> {
         self.0.lock().ok()?.get(user).copied()
@@ -205,8 +238,9 @@ impl Heads {
     }
 
     /// Every user with history, as the file holds it: the last seq (newest row, or what
-    /// a prune recorded) and the oldest row. One pass over each table's key order.
-    fn load(conn: &Connection) -> rusqlite::Result<Self> {
+    /// a prune recorded) and the oldest row; and where each row is. One pass over each
+    /// table.
+    fn load(conn: &Connection) -> rusqlite::Result<(Self, Positions)> {
         let mut heads: HashMap<UserId, Cached> = HashMap::new();
         let valid = |user: String| match UserId::parse(&user) {
             Ok(user) => Some(user),
@@ -227,30 +261,50 @@ impl Heads {
                 heads.insert(user, cached);
             }
         }
-        let mut ranges = conn.prepare(
-            "SELECT n.user, n.seq, n.ts_ms, r.last FROM
-               (SELECT user, MIN(seq) AS first, MAX(seq) AS last FROM notifications GROUP BY user) r
-             JOIN notifications n ON n.user = r.user AND n.seq = r.first",
-        )?;
-        let rows = ranges.query_map([], |r| {
-            let oldest = Oldest {
-                seq: r.get::<_, i64>(1)? as Seq,
-                ts_ms: r.get(2)?,
-            };
-            Ok((r.get::<_, String>(0)?, oldest, r.get::<_, i64>(3)? as Seq))
-        })?;
-        for row in rows {
-            let (user, oldest, newest) = row?;
-            if let Some(user) = valid(user) {
-                let cached = heads.entry(user).or_insert(Cached {
-                    last_seq: 0,
-                    oldest: None,
-                });
-                cached.last_seq = cached.last_seq.max(newest);
-                cached.oldest = Some(oldest);
+        // One scan in table order; nothing is allocated per row, only per user.
+        let mut positions: HashMap<UserId, VecDeque<(Seq, RowId)>> = HashMap::new();
+        let mut refused = HashSet::new();
+        let mut scan = conn.prepare("SELECT rowid, user, seq, ts_ms FROM notifications")?;
+        let mut rows = scan.query([])?;
+        while let Some(row) = rows.next()? {
+            let name = row.get_ref(1)?.as_str().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+            })?;
+            let (rowid, seq, ts_ms) = (row.get(0)?, row.get::<_, i64>(2)? as Seq, row.get(3)?);
+            if !positions.contains_key(name) {
+                if refused.contains(name) {
+                    continue;
+                }
+                let Some(user) = valid(name.to_owned()) else {
+                    refused.insert(name.to_owned());
+                    continue;
+                };
+                heads.entry(user.clone()).or_insert(Cached::NOTHING);
+                positions.insert(user, VecDeque::new());
+            }
+            if let Some(held) = positions.get_mut(name) {
+                held.push_back((seq, rowid));
+            }
+            if let Some(cached) = heads.get_mut(name) {
+                cached.last_seq = cached.last_seq.max(seq);
+                if cached.oldest.is_none_or(|oldest| seq < oldest.seq) {
+                    cached.oldest = Some(Oldest { seq, ts_ms });
+                }
             }
         }
-        Ok(Self(Mutex::new(heads)))
+        Ok((Self(Mutex::new(heads)), Positions::new(positions)))
+    }
+
+    /// Takes the rows the journal replays at open, newer than any of their user's, and
+    /// notes which of the user's older rows each one drops.
+    fn replay(&self, rows: &mut [Row], per_user: u64) {
+        if let Ok(mut heads) = self.0.lock() {
+            for row in rows {
+                let record = &row.record;
+                let cached = heads.entry(record.user.clone()).or_insert(Cached::NOTHING);
+                row.trim_through = cached.push(record.seq, record.ts_ms, per_user);
+            }
+        }
     }
 
     /// Publishes what one durable batch changed.
@@ -304,9 +358,13 @@ impl SqliteStore {
         readers.put(probe);
         let lookup = readers.open().map_err(|e| open_err(e.to_string()))?;
 
+        let (heads, positions) = Heads::load(&conn).map_err(|e| open_err(e.to_string()))?;
+        let positions = Arc::new(positions);
         let pending = Arc::new(Pending::default());
         let mut indexer = Indexer {
             conn,
+            positions: Arc::clone(&positions),
+            tx: Uncommitted::default(),
             dir: dir.to_path_buf(),
             retention,
             pending: Arc::clone(&pending),
@@ -317,8 +375,8 @@ impl SqliteStore {
             sealed: Vec::new(),
             last_checkpoint: Instant::now(),
         };
-        let replayed = indexer.recover().map_err(open_err)?;
-        let heads = Arc::new(Heads::load(&indexer.conn).map_err(|e| open_err(e.to_string()))?);
+        let replayed = indexer.recover(&heads).map_err(open_err)?;
+        let heads = Arc::new(heads);
         let journal = Journal::create(dir, fsync).map_err(|e| open_err(e.to_string()))?;
 
         let (index_tx, index_rx) = std_mpsc::sync_channel(INDEX_QUEUE);
@@ -345,11 +403,12 @@ impl SqliteStore {
             .name("herald-store".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| open_err(e.to_string()))?;
-        tracing::info!(path = %file.display(), fsync, replayed, "store opened");
+        tracing::info!(path = %file.display(), fsync, replayed, rows = positions.len(), "store opened");
         Ok(Self {
             commands: Mutex::new(Some(tx)),
             readers,
             heads,
+            positions,
             pending,
             retention,
         })
@@ -399,25 +458,25 @@ impl Store for SqliteStore {
             // Everything after `after` is still in memory (rows are pending in seq order).
             return Ok(unindexed);
         }
+        // Every indexed row after `after`: the first ones may be too old to show.
+        let indexed = self
+            .positions
+            .after(user, after.max(visible.above_seq), usize::MAX);
         let user = user.clone();
         let mut rows = self
             .readers
             .with(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT seq, frame FROM notifications
-                     WHERE user = ?1 AND seq > ?2 AND ts_ms >= ?3 ORDER BY seq LIMIT ?4",
-                )?;
-                let after = after.max(visible.above_seq);
-                let rows = stmt.query_map(
-                    params![user.as_str(), after as i64, visible.since_ms, limit as i64],
-                    |row| {
-                        Ok(Stored {
-                            seq: row.get::<_, i64>(0)? as Seq,
-                            frame: ByteString::from(row.get::<_, String>(1)?),
-                        })
-                    },
-                )?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
+                let mut rows = Vec::new();
+                for (seq, rowid) in indexed {
+                    if rows.len() == limit {
+                        break;
+                    }
+                    let row = indexed_row(conn, rowid, &user, seq)?;
+                    if let Some((_, frame)) = row.filter(|(ts_ms, _)| *ts_ms >= visible.since_ms) {
+                        rows.push(Stored { seq, frame });
+                    }
+                }
+                Ok(rows)
             })
             .await?;
         let newest = rows.last().map_or(after, |row| row.seq);
@@ -445,19 +504,19 @@ impl Store for SqliteStore {
         // visible in SQLite, else in memory. Memory's last seq is exact.
         let visible = self.visible(user);
         let unindexed = self.pending.oldest(user, visible);
+        let candidates = self.positions.after(user, visible.above_seq, usize::MAX);
         let owner = user.clone();
         let indexed = self
             .readers
             .with(move |conn| {
-                conn.prepare_cached(
-                    "SELECT seq, ts_ms FROM notifications
-                     WHERE user = ?1 AND seq > ?2 AND ts_ms >= ?3 ORDER BY seq LIMIT 1",
-                )?
-                .query_row(
-                    params![owner.as_str(), visible.above_seq as i64, visible.since_ms],
-                    |r| Ok((r.get::<_, i64>(0)? as Seq, r.get::<_, i64>(1)?)),
-                )
-                .optional()
+                for (seq, rowid) in candidates {
+                    if let Some((ts_ms, _)) = indexed_row(conn, rowid, &owner, seq)?
+                        && ts_ms >= visible.since_ms
+                    {
+                        return Ok(Some((seq, ts_ms)));
+                    }
+                }
+                Ok(None)
             })
             .await?;
         let oldest = indexed
@@ -658,28 +717,11 @@ impl Writer {
         }
         let mut head = match staged.heads.get(user) {
             Some(head) => *head,
-            None => self.heads.get(user).unwrap_or(Cached {
-                last_seq: 0,
-                oldest: None,
-            }),
+            None => self.heads.get(user).unwrap_or(Cached::NOTHING),
         };
         let seq = head.last_seq + 1;
         let frame = draft.frame(seq);
-        head.last_seq = seq;
-        let oldest = *head.oldest.get_or_insert(Oldest {
-            seq,
-            ts_ms: draft.ts_ms,
-        });
-        // Keeps the newest `per_user`; the row just written is never among those dropped.
-        let keep_after = seq.saturating_sub(self.retention.per_user);
-        let trim_through = (oldest.seq <= keep_after).then_some(keep_after);
-        if trim_through.is_some() {
-            // The dropped row's age stands in for the new oldest's (never younger).
-            head.oldest = Some(Oldest {
-                seq: keep_after + 1,
-                ts_ms: oldest.ts_ms,
-            });
-        }
+        let trim_through = head.push(seq, draft.ts_ms, self.retention.per_user);
         staged.heads.insert(user.clone(), head);
         let key = draft.idempotency_key.map(|key| {
             let receipt = Receipt {
@@ -746,6 +788,9 @@ impl Writer {
 /// without a sync; a checkpoint syncs it before the journal segments it covers go.
 struct Indexer {
     conn: Connection,
+    positions: Arc<Positions>,
+    /// What the open transaction did to rows, for `positions` once it commits.
+    tx: Uncommitted,
     dir: PathBuf,
     retention: Retention,
     pending: Arc<Pending>,
@@ -757,6 +802,17 @@ struct Indexer {
     oldest_unindexed: Option<Instant>,
     sealed: Vec<SegmentNo>,
     last_checkpoint: Instant,
+}
+
+/// Rows the open transaction inserted and deleted.
+#[derive(Default)]
+struct Uncommitted {
+    /// Each user's new rows, in seq order.
+    added: HashMap<UserId, Vec<(Seq, RowId)>>,
+    /// Rows the per-user count deleted.
+    dropped: Vec<(UserId, Seq)>,
+    /// Through which seq each user's rows are deleted already.
+    trimmed: HashMap<UserId, Seq>,
 }
 
 impl Indexer {
@@ -829,38 +885,24 @@ impl Indexer {
 
     /// Replays the journal into SQLite (rows it does not hold yet), commits and checkpoints,
     /// then deletes the replayed segments. Answers how many rows it replayed.
-    fn recover(&mut self) -> Result<usize, String> {
+    /// `heads` is what the file holds; it takes the replayed rows too.
+    fn recover(&mut self, heads: &Heads) -> Result<usize, String> {
         let mut last: HashMap<UserId, Seq> = HashMap::new();
         let mut replayed = Vec::new();
-        let per_user = self.retention.per_user;
-        let conn = &self.conn;
-        let mut failed = None;
         let segments = journal::replay(&self.dir, |record| {
-            let known = match last.get(&record.user) {
-                Some(seq) => *seq,
-                None => match last_seq(conn, &record.user) {
-                    Ok(seq) => seq,
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                        return;
-                    }
-                },
-            };
-            if record.seq > known {
-                last.insert(record.user.clone(), record.seq);
-                let trim_through = record.seq.checked_sub(per_user).filter(|&s| s > 0);
+            let known = last
+                .entry(record.user.clone())
+                .or_insert_with(|| heads.get(&record.user).map_or(0, |h| h.last_seq));
+            if record.seq > *known {
+                *known = record.seq;
                 replayed.push(Row {
                     record,
-                    trim_through,
+                    trim_through: None,
                 });
-            } else {
-                last.insert(record.user.clone(), known);
             }
         })
         .map_err(|e| e.to_string())?;
-        if let Some(e) = failed {
-            return Err(e.to_string());
-        }
+        heads.replay(&mut replayed, self.retention.per_user);
         let count = replayed.len();
         if count > 0 {
             tracing::warn!(
@@ -872,10 +914,7 @@ impl Indexer {
         for row in &replayed {
             self.write(row).map_err(|e| e.to_string())?;
         }
-        self.conn
-            .execute_batch("COMMIT")
-            .map_err(|e| e.to_string())?;
-        self.in_tx = false;
+        self.commit().map_err(|e| e.to_string())?;
         self.sealed = segments;
         if !self.sealed.is_empty() {
             self.checkpoint("TRUNCATE");
@@ -903,17 +942,18 @@ impl Indexer {
         self.unindexed.push(row);
     }
 
-    fn write(&self, row: &Row) -> rusqlite::Result<()> {
+    fn write(&mut self, row: &Row) -> rusqlite::Result<()> {
         let r = &row.record;
         self.conn
             .prepare_cached(
                 "INSERT INTO notifications (user, seq, ts_ms, frame) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![r.user.as_str(), r.seq as i64, r.ts_ms, &*r.frame])?;
+        let rowid = self.conn.last_insert_rowid();
+        let added = self.tx.added.entry(r.user.clone()).or_default();
+        added.push((r.seq, rowid));
         if let Some(through) = row.trim_through {
-            self.conn
-                .prepare_cached("DELETE FROM notifications WHERE user = ?1 AND seq <= ?2")?
-                .execute(params![r.user.as_str(), through as i64])?;
+            self.trim(&r.user, through)?;
         }
         if let Some((key, id)) = &r.key {
             self.conn
@@ -922,6 +962,45 @@ impl Indexer {
                 )?
                 .execute(params![r.user.as_str(), key, id, r.seq as i64, r.ts_ms])?;
         }
+        Ok(())
+    }
+
+    /// Deletes the user's rows up to `through` that this transaction has not deleted yet.
+    fn trim(&mut self, user: &UserId, through: Seq) -> rusqlite::Result<()> {
+        let done = self.tx.trimmed.get(user).copied().unwrap_or(0);
+        if through <= done {
+            return Ok(());
+        }
+        let committed = self.positions.through(user, through);
+        let uncommitted = self.tx.added.get(user).into_iter().flatten().copied();
+        let mut delete = self
+            .conn
+            .prepare_cached("DELETE FROM notifications WHERE rowid = ?1")?;
+        for (seq, rowid) in committed.into_iter().chain(uncommitted) {
+            if seq > through {
+                break;
+            }
+            if seq > done {
+                delete.execute([rowid])?;
+                self.tx.dropped.push((user.clone(), seq));
+            }
+        }
+        self.tx.trimmed.insert(user.clone(), through);
+        Ok(())
+    }
+
+    /// Commits the open transaction and tells `positions` what it did.
+    fn commit(&mut self) -> rusqlite::Result<()> {
+        self.in_tx = false;
+        let committed = self.conn.execute_batch("COMMIT");
+        let tx = std::mem::take(&mut self.tx);
+        committed?;
+        self.positions
+            .add(tx.added.into_iter().flat_map(|(user, rows)| {
+                rows.into_iter()
+                    .map(move |(seq, rowid)| (user.clone(), seq, rowid))
+            }));
+        self.positions.remove(tx.dropped);
         Ok(())
     }
 
@@ -935,16 +1014,17 @@ impl Indexer {
             if self.broken {
                 if self.in_tx {
                     self.in_tx = false;
+                    self.tx = Uncommitted::default();
                     self.conn.execute_batch("ROLLBACK")?;
                 }
                 self.begin()?;
-                for row in &self.unindexed {
-                    self.write(row)?;
-                }
+                let rows = std::mem::take(&mut self.unindexed);
+                let rewritten = rows.iter().try_for_each(|row| self.write(row));
+                self.unindexed = rows;
+                rewritten?;
             }
-            self.conn.execute_batch("COMMIT")
+            self.commit()
         })();
-        self.in_tx = false;
         match committed {
             Ok(()) => {
                 self.broken = false;
@@ -955,6 +1035,8 @@ impl Indexer {
             }
             Err(e) => {
                 tracing::error!(error = %e, rows = self.unindexed.len(), "index commit failed; retried (the journal holds the rows)");
+                self.in_tx = false;
+                self.tx = Uncommitted::default();
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.broken = true;
                 self.oldest_unindexed = Some(Instant::now());
@@ -1016,7 +1098,7 @@ impl Indexer {
             return;
         }
         let cutoff = self.retention.cutoff_ms();
-        let result: rusqlite::Result<(usize, usize)> = (|| {
+        let result: rusqlite::Result<(Vec<(UserId, Seq)>, usize)> = (|| {
             let tx = self.conn.unchecked_transaction()?;
             // A user's last seq outlives their rows: it is never handed out again.
             tx.execute(
@@ -1025,30 +1107,46 @@ impl Indexer {
                  ON CONFLICT (user) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
                 [cutoff],
             )?;
-            let n = tx.execute("DELETE FROM notifications WHERE ts_ms < ?1", [cutoff])?;
-            let m = tx.execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff])?;
+            let deleted = tx
+                .prepare("DELETE FROM notifications WHERE ts_ms < ?1 RETURNING user, seq")?
+                .query_map([cutoff], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as Seq))
+                })?
+                .filter_map(|row| match row {
+                    Ok((user, seq)) => UserId::parse(&user).ok().map(|user| Ok((user, seq))),
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let keys = tx.execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff])?;
             tx.commit()?;
-            Ok((n, m))
+            Ok((deleted, keys))
         })();
         match result {
-            Ok((0, 0)) => {}
-            Ok((notifications, keys)) => tracing::debug!(notifications, keys, "retention pruned"),
+            Ok((deleted, 0)) if deleted.is_empty() => {}
+            Ok((deleted, keys)) => {
+                tracing::debug!(notifications = deleted.len(), keys, "retention pruned");
+                self.positions.remove(deleted);
+            }
             Err(e) => tracing::warn!(error = %e, "retention prune failed"),
         }
     }
 }
 
-/// The highest seq the user ever had: their newest row, or what a prune recorded.
-fn last_seq(conn: &Connection, user: &UserId) -> rusqlite::Result<Seq> {
-    let recorded: i64 = conn
-        .prepare_cached("SELECT last_seq FROM users WHERE user = ?1")?
-        .query_row([user.as_str()], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    let newest: Option<i64> = conn
-        .prepare_cached("SELECT MAX(seq) FROM notifications WHERE user = ?1")?
-        .query_row([user.as_str()], |r| r.get(0))?;
-    Ok(recorded.max(newest.unwrap_or(0)) as Seq)
+/// The age and frame of the row `positions` put at `rowid`, if it is still there: a read
+/// can race a delete (SQLite may reuse a deleted rowid, so the row must be the user's).
+fn indexed_row(
+    conn: &Connection,
+    rowid: RowId,
+    user: &UserId,
+    seq: Seq,
+) -> rusqlite::Result<Option<(i64, ByteString)>> {
+    conn.prepare_cached(
+        "SELECT ts_ms, frame FROM notifications WHERE rowid = ?1 AND user = ?2 AND seq = ?3",
+    )?
+    .query_row(params![rowid, user.as_str(), seq as i64], |r| {
+        Ok((r.get(0)?, ByteString::from(r.get::<_, String>(1)?)))
+    })
+    .optional()
 }
 
 /// Sets the pragmas and checks (or creates) the schema. Errors name what is wrong.
@@ -1084,15 +1182,18 @@ fn prepare_index(conn: &Connection, fsync: bool) -> Result<(), String> {
             ))
             .map_err(|e| e.to_string()),
         (SCHEMA_VERSION, _) => Ok(()),
-        (1 | 2, _) => {
+        (1..=3, _) => {
             tracing::info!(
                 from = version,
                 to = SCHEMA_VERSION,
                 "upgrading the store's schema"
             );
+            let upgrade = match version {
+                3 => "DROP INDEX notifications_by_user;".to_owned(),
+                _ => rebuild_notifications(),
+            };
             conn.execute_batch(&format!(
-                "BEGIN; {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
-                upgrade_to_3()
+                "BEGIN; {upgrade} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(|e| format!("upgrading schema version {version} failed ({e})"))
         }
@@ -1347,6 +1448,111 @@ mod tests {
             "a pruned seq is never handed out again"
         );
         store.close().await.unwrap();
+    }
+
+    /// The seqs of `user`'s rows in the file, in table order.
+    fn seqs_in_file(dir: &Path, user: &str) -> Vec<i64> {
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.prepare("SELECT seq FROM notifications WHERE user = ?1 ORDER BY rowid")
+            .unwrap()
+            .query_map([user], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[actix_rt::test]
+    async fn the_per_user_count_deletes_rows_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            per_user: 3,
+            max_age: Duration::from_secs(3600),
+        };
+        let alice = UserId::parse("alice").unwrap();
+        let bob = UserId::parse("bob").unwrap();
+        // Rows dropped in the transaction that added them ...
+        let store = open(dir.path(), retention);
+        for _ in 0..5 {
+            next_seq(&store, &alice).await;
+        }
+        next_seq(&store, &bob).await;
+        store.close().await.unwrap();
+        assert_eq!(seqs_in_file(dir.path(), "alice"), [3, 4, 5]);
+        // ... and rows an earlier run committed, found again after a restart.
+        let store = open(dir.path(), retention);
+        assert_eq!(store.head(&alice).await.unwrap(), range(3, 5));
+        for _ in 0..2 {
+            next_seq(&store, &alice).await;
+        }
+        store.close().await.unwrap();
+        assert_eq!(seqs_in_file(dir.path(), "alice"), [5, 6, 7]);
+        assert_eq!(
+            seqs_in_file(dir.path(), "bob"),
+            [1],
+            "nobody else's rows go"
+        );
+        let store = open(dir.path(), retention);
+        let read: Vec<Seq> = store
+            .read(&alice, 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(read, [5, 6, 7]);
+        store.close().await.unwrap();
+    }
+
+    #[actix_rt::test]
+    async fn a_version_3_store_drops_its_user_index_and_keeps_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE);
+        let conn = Connection::open(&file).unwrap();
+        let now = now_ms();
+        conn.execute_batch(&format!(
+            "{SCHEMA}
+             CREATE TABLE notifications (
+                 user TEXT NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL, frame TEXT NOT NULL
+             );
+             CREATE UNIQUE INDEX notifications_by_user ON notifications (user, seq);
+             CREATE INDEX notifications_by_age ON notifications (ts_ms);
+             INSERT INTO notifications VALUES
+                 ('alice', 1, {now}, 'a1'), ('bob', 1, {now}, 'b1'), ('alice', 2, {now}, 'a2');
+             INSERT INTO users VALUES ('carol', 9);
+             PRAGMA user_version = 3;"
+        ))
+        .unwrap();
+        drop(conn);
+
+        let store = open(dir.path(), conformance::LONG);
+        let alice = UserId::parse("alice").unwrap();
+        let frames: Vec<_> = store
+            .read(&alice, 0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.seq, n.frame.to_string()))
+            .collect();
+        assert_eq!(frames, [(1, "a1".to_owned()), (2, "a2".to_owned())]);
+        assert_eq!(store.read(&alice, 1, 10).await.unwrap().len(), 1);
+        assert_eq!(next_seq(&store, &alice).await, 3);
+        let carol = UserId::parse("carol").unwrap();
+        assert_eq!(next_seq(&store, &carol).await, 10);
+        store.close().await.unwrap();
+
+        let conn = Connection::open(&file).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let indexes: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'notifications_by_user'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 0, "the index is gone");
     }
 
     /// Versions 1 and 2 as they were created: `notifications` keyed by (user, seq).
