@@ -1450,6 +1450,20 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// What a read of `user`'s whole history answers: seq and frame of each row.
+    async fn frames(store: &SqliteStore, user: &UserId) -> Vec<(Seq, String)> {
+        let read = store.read(user, 0, 100).await.unwrap();
+        read.into_iter()
+            .map(|n| (n.seq, n.frame.to_string()))
+            .collect()
+    }
+
+    fn user_version(dir: &Path) -> i64 {
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
     /// The seqs of `user`'s rows in the file, in table order.
     fn seqs_in_file(dir: &Path, user: &str) -> Vec<i64> {
         let conn = Connection::open(dir.join(DB_FILE)).unwrap();
@@ -1526,25 +1540,18 @@ mod tests {
 
         let store = open(dir.path(), conformance::LONG);
         let alice = UserId::parse("alice").unwrap();
-        let frames: Vec<_> = store
-            .read(&alice, 0, 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|n| (n.seq, n.frame.to_string()))
-            .collect();
-        assert_eq!(frames, [(1, "a1".to_owned()), (2, "a2".to_owned())]);
+        assert_eq!(
+            frames(&store, &alice).await,
+            [(1, "a1".to_owned()), (2, "a2".to_owned())]
+        );
         assert_eq!(store.read(&alice, 1, 10).await.unwrap().len(), 1);
         assert_eq!(next_seq(&store, &alice).await, 3);
         let carol = UserId::parse("carol").unwrap();
         assert_eq!(next_seq(&store, &carol).await, 10);
         store.close().await.unwrap();
 
+        assert_eq!(user_version(dir.path()), SCHEMA_VERSION);
         let conn = Connection::open(&file).unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
         let indexes: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_master WHERE name = 'notifications_by_user'",
@@ -1599,15 +1606,8 @@ mod tests {
 
             let store = open(dir.path(), conformance::LONG);
             assert_eq!(store.head(&alice).await.unwrap(), range(1, 3), "v{old}");
-            let frames: Vec<_> = store
-                .read(&alice, 0, 10)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|n| (n.seq, n.frame.to_string()))
-                .collect();
             assert_eq!(
-                frames,
+                frames(&store, &alice).await,
                 [1, 2, 3].map(|seq| (seq, format!("frame {seq}"))),
                 "v{old}"
             );
@@ -1627,19 +1627,12 @@ mod tests {
             );
             store.close().await.unwrap();
 
-            let conn = Connection::open(&file).unwrap();
-            let version: i64 = conn
-                .query_row("PRAGMA user_version", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(version, SCHEMA_VERSION);
-            let by_rowid: Vec<i64> = conn
-                .prepare("SELECT seq FROM notifications WHERE user = 'alice' ORDER BY rowid")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            assert_eq!(by_rowid, [1, 2, 3, 4], "v{old}: a rowid table in age order");
+            assert_eq!(user_version(dir.path()), SCHEMA_VERSION);
+            assert_eq!(
+                seqs_in_file(dir.path(), "alice"),
+                [1, 2, 3, 4],
+                "v{old}: a rowid table in age order"
+            );
         }
     }
 
