@@ -73,6 +73,8 @@ const MAX_UNINDEXED_BYTES: usize = 4 * INDEX_BYTES;
 /// Journaled batches the indexer may lag behind; then the writer waits (backpressure),
 /// which bounds the memory of rows not yet in SQLite.
 const INDEX_QUEUE: usize = 4096;
+/// Rows one prune transaction deletes at most (small in tests, so theirs take several).
+const PRUNE_SLICE: usize = if cfg!(test) { 2 } else { 10_000 };
 /// How often the indexer tries to checkpoint while sealed journal segments wait for it.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -1098,7 +1100,8 @@ impl Indexer {
             return;
         }
         let cutoff = self.retention.cutoff_ms();
-        let result: rusqlite::Result<(Vec<(UserId, Seq)>, usize)> = (|| {
+        let mut notifications = 0;
+        let result = (|| -> rusqlite::Result<usize> {
             let tx = self.conn.unchecked_transaction()?;
             // A user's last seq outlives their rows: it is never handed out again.
             tx.execute(
@@ -1107,27 +1110,39 @@ impl Indexer {
                  ON CONFLICT (user) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
                 [cutoff],
             )?;
-            let deleted = tx
-                .prepare("DELETE FROM notifications WHERE ts_ms < ?1 RETURNING user, seq")?
-                .query_map([cutoff], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as Seq))
-                })?
-                .filter_map(|row| match row {
-                    Ok((user, seq)) => UserId::parse(&user).ok().map(|user| Ok((user, seq))),
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<rusqlite::Result<Vec<_>>>()?;
             let keys = tx.execute("DELETE FROM idempotency WHERE ts_ms < ?1", [cutoff])?;
             tx.commit()?;
-            Ok((deleted, keys))
+            // In slices, each forgotten by `positions` once committed: the first prune after a
+            // long stop may delete millions of rows, and their list would be held at once.
+            loop {
+                let tx = self.conn.unchecked_transaction()?;
+                let deleted = tx
+                    .prepare_cached(
+                        "DELETE FROM notifications WHERE rowid IN
+                           (SELECT rowid FROM notifications WHERE ts_ms < ?1 LIMIT ?2)
+                         RETURNING user, seq",
+                    )?
+                    .query_map(params![cutoff, PRUNE_SLICE as i64], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as Seq))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                tx.commit()?;
+                notifications += deleted.len();
+                let slice_was_full = deleted.len() == PRUNE_SLICE;
+                self.positions.remove(
+                    deleted
+                        .into_iter()
+                        .filter_map(|(user, seq)| UserId::parse(&user).ok().map(|u| (u, seq))),
+                );
+                if !slice_was_full {
+                    return Ok(keys);
+                }
+            }
         })();
         match result {
-            Ok((deleted, 0)) if deleted.is_empty() => {}
-            Ok((deleted, keys)) => {
-                tracing::debug!(notifications = deleted.len(), keys, "retention pruned");
-                self.positions.remove(deleted);
-            }
-            Err(e) => tracing::warn!(error = %e, "retention prune failed"),
+            Ok(0) if notifications == 0 => {}
+            Ok(keys) => tracing::debug!(notifications, keys, "retention pruned"),
+            Err(e) => tracing::warn!(error = %e, notifications, "retention prune failed"),
         }
     }
 }
@@ -1428,8 +1443,9 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never indexed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Idle, the indexer prunes at least once a second; reads only hide expired rows.
-        while rows("notifications") + rows("idempotency") > 0 {
+        // Idle, the indexer prunes at least once a second (in slices of PRUNE_SLICE rows);
+        // reads only hide expired rows. Memory forgets where the rows were.
+        while rows("notifications") + rows("idempotency") > 0 || store.positions.len() > 0 {
             assert!(std::time::Instant::now() < deadline, "never pruned");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
