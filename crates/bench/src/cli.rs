@@ -128,6 +128,11 @@ pub struct Args {
     #[arg(long, default_value_t = 40.0)]
     pub evict_wait: f64,
 
+    /// Also report latency by when each message was sent, in slices of this many
+    /// milliseconds (e.g. 1000), to see when a run's tail happened; 0: not at all.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub timeline: u64,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -24,7 +24,7 @@ mod template;
 mod workers;
 
 pub use cli::{Args, Scenario};
-pub use latency::Quantiles;
+pub use latency::{Quantiles, Slice};
 pub use report::Report;
 pub use scenario::{BenchError, run};
 pub use workers::{WORKER_FLAG, worker_main};

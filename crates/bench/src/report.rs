@@ -5,7 +5,7 @@ use std::fmt::{self, Display, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::latency::Quantiles;
+use crate::latency::{Quantiles, Slice};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -22,6 +22,9 @@ pub struct Report {
     pub delivery: Option<DeliverySummary>,
     /// End-to-end, from the send time inside the payload to its arrival.
     pub latency_us: Option<Quantiles>,
+    /// The same by when each message was sent (`--timeline`); empty without it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Slice>,
     pub stalled: Option<StalledSummary>,
     pub churn: Option<ChurnSummary>,
     pub server: Option<ServerSummary>,
@@ -143,6 +146,18 @@ impl Display for Report {
                 ms(l.p90),
                 ms(l.p99),
                 ms(l.p999),
+                ms(l.max),
+                l.count
+            );
+        }
+        for slice in &self.timeline {
+            let l = &slice.latency_us;
+            let _ = writeln!(
+                out,
+                "  sent at {:>7.1} s: p50 {:.2} ms · p99 {:.2} · max {:.2} ({} samples)",
+                slice.at_ms as f64 / 1000.0,
+                ms(l.p50),
+                ms(l.p99),
                 ms(l.max),
                 l.count
             );

@@ -60,6 +60,7 @@ pub async fn run(args: &Args) -> Result<Report, BenchError> {
         per_source: args.per_source,
         connect_concurrency: args.connect_concurrency,
         evict_wait_ms: (args.evict_wait * 1000.0) as u64,
+        timeline_ms: args.timeline,
     };
     let pids = &args.server_pids;
     let baseline = sample(pids);
@@ -175,6 +176,7 @@ pub async fn run(args: &Args) -> Result<Report, BenchError> {
             dropped: seen.dropped,
         });
         report.latency_us = Some(seen.latency.quantiles());
+        report.timeline = seen.timeline.slices(p.started_us);
         for (what, n) in [
             ("missing", seen.missing),
             ("duplicate", seen.duplicates),

@@ -15,7 +15,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::latency::{Latency, unix_micros};
+use crate::latency::{Latency, Timeline, unix_micros};
 use crate::template::{Fill, ID_KEY, TS_KEY, Template, probe_number};
 
 /// Which sessions a group holds and how it reaches the hub.
@@ -38,6 +38,8 @@ pub struct GroupSpec {
     pub connect_concurrency: usize,
     /// How long a stalled session, reading again after the run, waits for the hub's close.
     pub evict_wait_ms: u64,
+    /// Width of the latency timeline's slices; 0 keeps none.
+    pub timeline_ms: u64,
 }
 
 /// Per-user expected deliveries (unicast, multicast) plus broadcasts every session expects.
@@ -90,6 +92,7 @@ pub struct GroupResult {
     /// Unix micros of the last delivery, for delivered/s.
     pub last_delivery_us: u64,
     pub latency: Latency,
+    pub timeline: Timeline,
 }
 
 impl GroupResult {
@@ -103,6 +106,7 @@ impl GroupResult {
         self.stalled_evicted += other.stalled_evicted;
         self.last_delivery_us = self.last_delivery_us.max(other.last_delivery_us);
         self.latency.merge(&other.latency);
+        self.timeline.merge(&other.timeline);
     }
 }
 
@@ -111,7 +115,7 @@ impl GroupResult {
 struct Shared {
     distinct: AtomicU64,
     last_delivery_us: AtomicU64,
-    latency: Mutex<Latency>,
+    latency: Mutex<(Latency, Timeline)>,
     connected_reading: Mutex<Vec<u32>>,
     connect: Mutex<ConnectStats>,
     ready: AtomicUsize,
@@ -251,6 +255,7 @@ impl Group {
     /// Connects every session of the spec (bounded concurrency) and starts them reading.
     pub async fn connect(spec: GroupSpec) -> (Group, ConnectStats) {
         let shared = Arc::new(Shared {
+            latency: Mutex::new((Latency::default(), Timeline::new(spec.timeline_ms))),
             connected_reading: Mutex::new(vec![0; spec.users]),
             ..Default::default()
         });
@@ -352,7 +357,7 @@ impl Group {
         result.delivered = self.shared.distinct.load(Ordering::Acquire);
         result.last_delivery_us = self.shared.last_delivery_us.load(Ordering::Acquire);
         if let Ok(latency) = self.shared.latency.lock() {
-            result.latency = latency.clone();
+            (result.latency, result.timeline) = latency.clone();
         }
         result
     }
@@ -465,7 +470,9 @@ fn on_frame(shared: &Shared, frame: &[u8], seen: &mut HashSet<u64>, outcome: &mu
     shared.distinct.fetch_add(1, Ordering::AcqRel);
     shared.last_delivery_us.fetch_max(now, Ordering::Relaxed);
     if let (Some(sent), Ok(mut latency)) = (probe_number(frame, TS_KEY), shared.latency.lock()) {
-        latency.record(now.saturating_sub(sent));
+        let (whole, timeline) = &mut *latency;
+        whole.record(now.saturating_sub(sent));
+        timeline.record(sent, now.saturating_sub(sent));
     }
 }
 

@@ -154,6 +154,8 @@ async fn the_binary_spreads_sessions_over_worker_processes_and_sums_them() {
             "0.3",
             "--drain",
             "15",
+            "--timeline",
+            "500",
             "--json",
             "--strict",
         ])
@@ -174,6 +176,28 @@ async fn the_binary_spreads_sessions_over_worker_processes_and_sums_them() {
     let publish = report.publish.as_ref().expect("publish stats");
     // Each user has 3 sessions, in different workers: every accepted publish arrives 3 times.
     assert_eq!(delivery.delivered, 3 * publish.accepted);
-    assert!(report.latency_us.as_ref().expect("latency").count >= delivery.delivered);
+    let latency = report.latency_us.as_ref().expect("latency");
+    assert!(latency.count >= delivery.delivered);
+    // The timeline holds the same samples, merged from every worker, by send time.
+    let slices = &report.timeline;
+    let in_slices: u64 = slices.iter().map(|s| s.latency_us.count).sum();
+    assert_eq!(in_slices, latency.count, "{slices:?}");
+    assert!(
+        slices
+            .windows(2)
+            .all(|w| w[1].at_ms - w[0].at_ms >= 500 && (w[1].at_ms - w[0].at_ms) % 500 == 0),
+        "{slices:?}"
+    );
+    assert!(
+        (4..=6).contains(&slices.len()),
+        "2 s of sends in 0.5 s slices: {slices:?}"
+    );
+    // A slice's histogram resolves 1%, the run's 0.1%.
+    assert!(
+        slices
+            .iter()
+            .all(|s| s.latency_us.max <= latency.max + latency.max / 50),
+        "{slices:?}"
+    );
     herald.shutdown().await.unwrap();
 }
