@@ -14,20 +14,29 @@
 //! Segments grow in zero-filled steps of [`ZEROED_AHEAD`], and records are written into
 //! the zeros: an append that does not change the file's size makes `fdatasync` write the
 //! data pages alone, not the inode too (one synchronous write less per batch). A zero
-//! length marks the end of a segment's records.
+//! length marks the end of a segment's records. A retired segment comes back zeroed as
+//! a later one's file (`spare.rs`), so in a steady state segments are neither deleted
+//! nor grown.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytestring::ByteString;
 
+use super::spare::Spare;
 use crate::ids::{Seq, UserId};
 
-/// A segment is sealed once it holds this much; sealed segments are deleted after the index
-/// checkpoint that covers them. Bounds a restart's replay (~250,000 records) and the disk
+/// A segment is sealed once it holds this much; sealed segments are retired (deleted, or
+/// kept as the spare) after the index checkpoint that covers them. Bounds a restart's replay (~250,000 records) and the disk
 /// the journal takes while the index keeps up.
-pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// 64 KiB in tests, so theirs rotate and recycle segments after a few hundred appends.
+pub const SEGMENT_BYTES: u64 = if cfg!(test) {
+    64 * 1024
+} else {
+    64 * 1024 * 1024
+};
 /// How far ahead of the records a segment is zero-filled.
 pub const ZEROED_AHEAD: u64 = 1024 * 1024;
 const PREFIX: &str = "journal-";
@@ -69,18 +78,25 @@ pub struct Journal {
     zeroed: u64,
     fsync: bool,
     buf: Vec<u8>,
+    spare: Arc<Spare>,
 }
 
 impl Journal {
-    /// Starts a new, empty segment after every existing one.
-    pub fn create(dir: &Path, fsync: bool) -> Result<Self, JournalError> {
+    /// Starts a new, empty segment after every existing one; later segments take
+    /// `spare`'s file when one is ready.
+    pub fn create(dir: &Path, fsync: bool, spare: Arc<Spare>) -> Result<Self, JournalError> {
         let next = segments(dir)?
             .last()
             .map_or(SegmentNo(1), |s| SegmentNo(s.0 + 1));
-        Self::create_segment(dir, next, fsync)
+        Self::create_segment(dir, next, fsync, spare)
     }
 
-    fn create_segment(dir: &Path, no: SegmentNo, fsync: bool) -> Result<Self, JournalError> {
+    fn create_segment(
+        dir: &Path,
+        no: SegmentNo,
+        fsync: bool,
+        spare: Arc<Spare>,
+    ) -> Result<Self, JournalError> {
         let path = segment_path(dir, no);
         let err = |source| JournalError::Io {
             path: path.display().to_string(),
@@ -93,7 +109,7 @@ impl Journal {
         let file = options.open(&path).map_err(err)?;
         if fsync {
             // The new name must survive a crash as surely as the records written into it.
-            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+            sync_dir(dir).map_err(err)?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -103,6 +119,7 @@ impl Journal {
             zeroed: 0,
             fsync,
             buf: Vec::new(),
+            spare,
         })
     }
 
@@ -156,7 +173,18 @@ impl Journal {
     /// Seals the active segment and starts the next; answers the sealed one.
     pub fn rotate(&mut self) -> Result<SegmentNo, JournalError> {
         let sealed = self.no;
-        *self = Self::create_segment(&self.dir, SegmentNo(sealed.0 + 1), self.fsync)?;
+        let next = SegmentNo(sealed.0 + 1);
+        match self.spare.take_as(next)? {
+            Some((file, zeroed)) => {
+                self.no = next;
+                self.file = file;
+                self.len = 0;
+                self.zeroed = zeroed;
+            }
+            None => {
+                *self = Self::create_segment(&self.dir, next, self.fsync, self.spare.clone())?;
+            }
+        }
         Ok(sealed)
     }
 
@@ -165,8 +193,13 @@ impl Journal {
     }
 }
 
+/// Makes the folder's entries (a created or renamed segment) durable.
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
 /// Writes real zeros (not a hole, which the file system would still have to allocate).
-fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+pub(super) fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     let zeros = vec![0u8; 64 * 1024];
     let mut at = from;
     while at < to {
@@ -267,7 +300,7 @@ pub fn replay(dir: &Path, mut each: impl FnMut(Record)) -> Result<Vec<SegmentNo>
     Ok(all)
 }
 
-fn segment_path(dir: &Path, no: SegmentNo) -> PathBuf {
+pub(super) fn segment_path(dir: &Path, no: SegmentNo) -> PathBuf {
     dir.join(format!("{PREFIX}{:08}", no.0))
 }
 
@@ -374,6 +407,11 @@ mod tests {
         }
     }
 
+    fn create(dir: &Path, fsync: bool) -> Journal {
+        let spare = Arc::new(Spare::open(dir, fsync).unwrap());
+        Journal::create(dir, fsync, spare).unwrap()
+    }
+
     fn replayed(dir: &Path) -> Result<Vec<Record>, JournalError> {
         let mut out = Vec::new();
         replay(dir, |r| out.push(r))?;
@@ -383,7 +421,7 @@ mod tests {
     #[test]
     fn records_come_back_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::create(dir.path(), true).unwrap();
+        let mut journal = create(dir.path(), true);
         journal
             .append(&[record(1, None), record(2, Some("k"))])
             .unwrap();
@@ -398,7 +436,7 @@ mod tests {
         remove(dir.path(), &[sealed]).unwrap();
         assert_eq!(replayed(dir.path()).unwrap(), vec![record(3, None)]);
         assert_eq!(
-            Journal::create(dir.path(), false).unwrap().segment(),
+            create(dir.path(), false).segment(),
             SegmentNo(3),
             "a new segment never reuses a number"
         );
@@ -407,7 +445,7 @@ mod tests {
     #[test]
     fn a_torn_tail_of_the_last_segment_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::create(dir.path(), false).unwrap();
+        let mut journal = create(dir.path(), false);
         journal.append(&[record(1, None), record(2, None)]).unwrap();
         let path = segment_path(dir.path(), journal.segment());
         let whole = journal.len;
@@ -430,7 +468,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_fails_the_checksum() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::create(dir.path(), false).unwrap();
+        let mut journal = create(dir.path(), false);
         journal.append(&[record(1, None), record(2, None)]).unwrap();
         let path = segment_path(dir.path(), journal.segment());
         let mut bytes = std::fs::read(&path).unwrap();
@@ -443,7 +481,7 @@ mod tests {
     #[test]
     fn damage_before_the_last_segment_refuses_the_replay() {
         let dir = tempfile::tempdir().unwrap();
-        let mut journal = Journal::create(dir.path(), false).unwrap();
+        let mut journal = create(dir.path(), false);
         journal.append(&[record(1, None)]).unwrap();
         let first = segment_path(dir.path(), journal.rotate().unwrap());
         journal.append(&[record(2, None)]).unwrap();

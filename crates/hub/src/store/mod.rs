@@ -7,6 +7,7 @@ mod memory;
 mod pending;
 mod positions;
 mod redis;
+mod spare;
 mod sqlite;
 
 pub use memory::MemoryStore;

@@ -24,6 +24,7 @@ use tokio::sync::{Semaphore, oneshot};
 use super::journal::{self, Journal, Record, SegmentNo};
 use super::pending::{Pending, Visible};
 use super::positions::{Positions, RowId};
+use super::spare::Spare;
 use super::{Appended, Draft, Head, Notification, Receipt, Store, StoreError, Stored};
 use crate::config::Retention;
 use crate::ids::{Seq, UserId};
@@ -363,6 +364,7 @@ impl SqliteStore {
         let (heads, positions) = Heads::load(&conn).map_err(|e| open_err(e.to_string()))?;
         let positions = Arc::new(positions);
         let pending = Arc::new(Pending::default());
+        let spare = Arc::new(Spare::open(dir, fsync).map_err(|e| open_err(e.to_string()))?);
         let mut indexer = Indexer {
             conn,
             positions: Arc::clone(&positions),
@@ -375,11 +377,12 @@ impl SqliteStore {
             unindexed: Vec::new(),
             oldest_unindexed: None,
             sealed: Vec::new(),
+            spare: Arc::clone(&spare),
             last_checkpoint: Instant::now(),
         };
         let replayed = indexer.recover(&heads).map_err(open_err)?;
         let heads = Arc::new(heads);
-        let journal = Journal::create(dir, fsync).map_err(|e| open_err(e.to_string()))?;
+        let journal = Journal::create(dir, fsync, spare).map_err(|e| open_err(e.to_string()))?;
 
         let (index_tx, index_rx) = std_mpsc::sync_channel(INDEX_QUEUE);
         let indexer = thread::Builder::new()
@@ -803,6 +806,8 @@ struct Indexer {
     unindexed: Vec<Row>,
     oldest_unindexed: Option<Instant>,
     sealed: Vec<SegmentNo>,
+    /// Where a retired segment waits, zeroed, to be the writer's next one.
+    spare: Arc<Spare>,
     last_checkpoint: Instant,
 }
 
@@ -873,8 +878,11 @@ impl Indexer {
                 .is_some_and(|since| since.elapsed() >= INDEX_EVERY);
             if due || self.pending.bytes() >= INDEX_BYTES {
                 self.flush();
-                if !self.sealed.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                    self.checkpoint("PASSIVE");
+                if !self.sealed.is_empty()
+                    && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+                    && self.checkpoint("PASSIVE")
+                {
+                    self.retire_sealed();
                 }
             }
             if last_prune.elapsed() >= prune_every {
@@ -918,8 +926,8 @@ impl Indexer {
         }
         self.commit().map_err(|e| e.to_string())?;
         self.sealed = segments;
-        if !self.sealed.is_empty() {
-            self.checkpoint("TRUNCATE");
+        if !self.sealed.is_empty() && self.checkpoint("TRUNCATE") {
+            self.remove_sealed();
         }
         Ok(count)
     }
@@ -1061,9 +1069,9 @@ impl Indexer {
         self.oldest_unindexed.get_or_insert_with(Instant::now);
     }
 
-    /// Copies the WAL into the main file and syncs both; once that covered everything,
-    /// the sealed journal segments are redundant and deleted.
-    fn checkpoint(&mut self, mode: &str) {
+    /// Copies the WAL into the main file and syncs both. True when that covered everything:
+    /// the sealed journal segments are redundant then.
+    fn checkpoint(&mut self, mode: &str) -> bool {
         self.last_checkpoint = Instant::now();
         let done = self
             .conn
@@ -1075,22 +1083,50 @@ impl Indexer {
                 ))
             });
         match done {
-            Ok((0, log, copied)) if log == copied => {
-                match journal::remove(&self.dir, &self.sealed) {
-                    Ok(()) => self.sealed.clear(),
-                    Err(e) => tracing::warn!(error = %e, "journal segment not deleted"),
-                }
-            }
+            Ok((0, log, copied)) if log == copied => true,
             // Readers still use older pages: the segments wait for the next checkpoint.
-            Ok(_) => tracing::debug!("checkpoint incomplete; journal segments kept"),
-            Err(e) => tracing::warn!(error = %e, "checkpoint failed; journal segments kept"),
+            Ok(_) => {
+                tracing::debug!("checkpoint incomplete; journal segments kept");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint failed; journal segments kept");
+                false
+            }
+        }
+    }
+
+    /// While serving: the newest sealed segment becomes the spare when there is none (a
+    /// delete stalled the publish path's `fdatasync`, see `spare.rs`), the rest go.
+    fn retire_sealed(&mut self) {
+        if let Some(&newest) = self.sealed.last() {
+            match self.spare.recycle(newest) {
+                Ok(true) => {
+                    self.sealed.pop();
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "journal segment not recycled; deleted"),
+            }
+        }
+        self.remove_sealed();
+    }
+
+    fn remove_sealed(&mut self) {
+        match journal::remove(&self.dir, &self.sealed) {
+            Ok(()) => self.sealed.clear(),
+            Err(e) => tracing::warn!(error = %e, "journal segment not deleted"),
         }
     }
 
     fn close(mut self) {
         self.flush();
         self.prune();
-        self.checkpoint("TRUNCATE");
+        if self.checkpoint("TRUNCATE") {
+            self.remove_sealed();
+        }
+        if let Err(e) = self.spare.discard() {
+            tracing::warn!(error = %e, "spare journal segment not deleted");
+        }
         tracing::info!(unindexed = self.unindexed.len(), "store closed");
     }
 
@@ -1298,6 +1334,7 @@ mod tests {
     use crate::store::conformance;
     use crate::store::journal::{Journal, Record};
     use crate::store::now_ms;
+    use crate::store::spare;
 
     fn open(dir: &Path, retention: Retention) -> SqliteStore {
         SqliteStore::open(dir, retention, true).expect("store opens")
@@ -1383,7 +1420,8 @@ mod tests {
             frame: ByteString::from(format!(r#"{{"seq":{seq}}}"#)),
             key: (seq == 3).then(|| ("k".to_owned(), "n-3".to_owned())),
         };
-        let mut journal = Journal::create(dir.path(), true).unwrap();
+        let spare = Arc::new(Spare::open(dir.path(), true).unwrap());
+        let mut journal = Journal::create(dir.path(), true, spare).unwrap();
         journal.append(&[record(1), record(2), record(3)]).unwrap();
         drop(journal);
 
@@ -1414,6 +1452,68 @@ mod tests {
             vec![],
             "segments go once a checkpoint holds their rows"
         );
+    }
+
+    #[actix_rt::test]
+    async fn a_retired_journal_segment_becomes_a_later_one_not_deleted() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), conformance::LONG);
+        let user = UserId::parse("alice").unwrap();
+        let spare_inode = || std::fs::metadata(dir.path().join(spare::SPARE)).map(|m| m.ino());
+        let segment_inodes = || {
+            journal::segments(dir.path())
+                .unwrap()
+                .into_iter()
+                .map(|no| {
+                    let path = dir.path().join(format!("journal-{:08}", no.0));
+                    std::fs::metadata(path).unwrap().ino()
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut appended = 0;
+        let mut append_until = async |done: &dyn Fn() -> bool| {
+            for _ in 0..5_000 {
+                if done() {
+                    return;
+                }
+                appended += 1;
+                store
+                    .append(&user, conformance::draft(appended, None))
+                    .await
+                    .unwrap();
+                // Slow enough for the indexer's commits and checkpoints to come round.
+                if appended % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            panic!("never happened");
+        };
+        append_until(&|| spare_inode().is_ok()).await;
+        let recycled = spare_inode().unwrap();
+        assert!(
+            !segment_inodes().contains(&recycled),
+            "retired: the spare now, under a name replay never reads"
+        );
+        append_until(&|| segment_inodes().contains(&recycled)).await;
+        let seqs: Vec<Seq> = store
+            .read(&user, 0, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|n| n.seq)
+            .collect();
+        let kept = appended.min(conformance::LONG.per_user);
+        assert_eq!(
+            seqs,
+            ((appended - kept + 1)..=appended).collect::<Vec<_>>(),
+            "every row readable, none twice"
+        );
+        store.close().await.unwrap();
+        assert!(spare_inode().is_err(), "a clean stop leaves no spare");
+        let store = open(dir.path(), conformance::LONG);
+        assert_eq!(store.read(&user, 0, 1000).await.unwrap().len() as u64, kept);
+        store.close().await.unwrap();
     }
 
     #[actix_rt::test]
