@@ -126,11 +126,12 @@ impl Spare {
         let Ok(mut state) = self.state.lock() else {
             return Ok(None);
         };
-        if !matches!(*state, State::Ready { .. }) {
-            return Ok(None);
-        }
-        let State::Ready { file, size } = std::mem::replace(&mut *state, State::Empty) else {
-            return Ok(None);
+        let (file, size) = match std::mem::replace(&mut *state, State::Empty) {
+            State::Ready { file, size } => (file, size),
+            other => {
+                *state = other;
+                return Ok(None);
+            }
         };
         let target = segment_path(&self.dir, no);
         let err = |source| JournalError::Io {

@@ -1496,13 +1496,7 @@ mod tests {
             "retired: the spare now, under a name replay never reads"
         );
         append_until(&|| segment_inodes().contains(&recycled)).await;
-        let seqs: Vec<Seq> = store
-            .read(&user, 0, 1000)
-            .await
-            .unwrap()
-            .iter()
-            .map(|n| n.seq)
-            .collect();
+        let seqs = seqs_read(&store, &user).await;
         let kept = appended.min(conformance::LONG.per_user);
         assert_eq!(
             seqs,
@@ -1574,6 +1568,12 @@ mod tests {
             .collect()
     }
 
+    /// The seqs a read of `user`'s whole history answers, oldest first.
+    async fn seqs_read(store: &SqliteStore, user: &UserId) -> Vec<Seq> {
+        let read = store.read(user, 0, 1000).await.unwrap();
+        read.iter().map(|n| n.seq).collect()
+    }
+
     fn user_version(dir: &Path) -> i64 {
         let conn = Connection::open(dir.join(DB_FILE)).unwrap();
         conn.query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -1622,14 +1622,7 @@ mod tests {
             "nobody else's rows go"
         );
         let store = open(dir.path(), retention);
-        let read: Vec<Seq> = store
-            .read(&alice, 0, 10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(read, [5, 6, 7]);
+        assert_eq!(seqs_read(&store, &alice).await, [5, 6, 7]);
         store.close().await.unwrap();
     }
 
