@@ -34,8 +34,8 @@ impl Positions {
         Self(Mutex::new(users))
     }
 
-    /// The user's rows with a seq above `after`, at most `limit`, oldest first.
-    pub fn after(&self, user: &UserId, after: Seq, limit: usize) -> Vec<(Seq, RowId)> {
+    /// The user's rows with a seq above `after`, oldest first.
+    pub fn after(&self, user: &UserId, after: Seq) -> Vec<(Seq, RowId)> {
         let Ok(users) = self.0.lock() else {
             return Vec::new();
         };
@@ -43,7 +43,7 @@ impl Positions {
             return Vec::new();
         };
         let start = held.partition_point(|&(seq, _)| seq <= after);
-        held.range(start..).take(limit).copied().collect()
+        held.range(start..).copied().collect()
     }
 
     /// The user's rows with a seq up to `through`, oldest first.
@@ -114,12 +114,12 @@ mod tests {
             (user("alice"), 3, 14),
         ]);
         assert_eq!(
-            positions.after(&user("alice"), 0, 10),
+            positions.after(&user("alice"), 0),
             [(1, 10), (2, 12), (3, 14)]
         );
-        assert_eq!(positions.after(&user("alice"), 1, 1), [(2, 12)]);
-        assert_eq!(positions.after(&user("alice"), 3, 10), []);
-        assert_eq!(positions.after(&user("carol"), 0, 10), []);
+        assert_eq!(positions.after(&user("alice"), 1), [(2, 12), (3, 14)]);
+        assert_eq!(positions.after(&user("alice"), 3), []);
+        assert_eq!(positions.after(&user("carol"), 0), []);
         assert_eq!(positions.through(&user("alice"), 2), [(1, 10), (2, 12)]);
         assert_eq!(positions.len(), 4);
     }
@@ -128,10 +128,7 @@ mod tests {
     fn a_scan_out_of_seq_order_is_sorted() {
         let scanned = HashMap::from([(user("alice"), VecDeque::from([(3, 1), (1, 2), (2, 3)]))]);
         let positions = Positions::new(scanned);
-        assert_eq!(
-            positions.after(&user("alice"), 0, 10),
-            [(1, 2), (2, 3), (3, 1)]
-        );
+        assert_eq!(positions.after(&user("alice"), 0), [(1, 2), (2, 3), (3, 1)]);
     }
 
     #[test]
@@ -143,9 +140,9 @@ mod tests {
             (user("alice"), 3, 3),
         ]);
         positions.remove([(user("alice"), 1), (user("alice"), 3), (user("alice"), 9)]);
-        assert_eq!(positions.after(&user("alice"), 0, 10), [(2, 2)]);
+        assert_eq!(positions.after(&user("alice"), 0), [(2, 2)]);
         positions.remove([(user("alice"), 2)]);
-        assert_eq!(positions.after(&user("alice"), 0, 10), []);
+        assert_eq!(positions.after(&user("alice"), 0), []);
         assert!(
             positions.0.lock().unwrap().is_empty(),
             "no empty entry is kept"

@@ -464,9 +464,7 @@ impl Store for SqliteStore {
             return Ok(unindexed);
         }
         // Every indexed row after `after`: the first ones may be too old to show.
-        let indexed = self
-            .positions
-            .after(user, after.max(visible.above_seq), usize::MAX);
+        let indexed = self.positions.after(user, after.max(visible.above_seq));
         let user = user.clone();
         let mut rows = self
             .readers
@@ -509,7 +507,7 @@ impl Store for SqliteStore {
         // visible in SQLite, else in memory. Memory's last seq is exact.
         let visible = self.visible(user);
         let unindexed = self.pending.oldest(user, visible);
-        let candidates = self.positions.after(user, visible.above_seq, usize::MAX);
+        let candidates = self.positions.after(user, visible.above_seq);
         let owner = user.clone();
         let indexed = self
             .readers
