@@ -471,8 +471,9 @@ fn on_frame(shared: &Shared, frame: &[u8], seen: &mut HashSet<u64>, outcome: &mu
     shared.last_delivery_us.fetch_max(now, Ordering::Relaxed);
     if let (Some(sent), Ok(mut latency)) = (probe_number(frame, TS_KEY), shared.latency.lock()) {
         let (whole, timeline) = &mut *latency;
-        whole.record(now.saturating_sub(sent));
-        timeline.record(sent, now.saturating_sub(sent));
+        let micros = now.saturating_sub(sent);
+        whole.record(micros);
+        timeline.record(sent, micros);
     }
 }
 

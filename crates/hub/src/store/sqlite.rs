@@ -1467,8 +1467,9 @@ mod tests {
                 .unwrap()
                 .into_iter()
                 .map(|no| {
-                    let path = dir.path().join(format!("journal-{:08}", no.0));
-                    std::fs::metadata(path).unwrap().ino()
+                    std::fs::metadata(journal::segment_path(dir.path(), no))
+                        .unwrap()
+                        .ino()
                 })
                 .collect::<Vec<_>>()
         };
